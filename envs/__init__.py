@@ -1,0 +1,1 @@
+"""N2N environments, model description and surgery. Never imports ``pipeline``."""
