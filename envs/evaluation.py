@@ -51,11 +51,7 @@ class ChildResult:
 
     @property
     def failed(self) -> bool:
-        return (
-            self.error is not None
-            or self.accuracy is None
-            or not math.isfinite(self.accuracy)
-        )
+        return self.error is not None or self.accuracy is None or not math.isfinite(self.accuracy)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +124,9 @@ class SyntheticEvaluator:
         self.calls += 1
         removed = set(child.spec.get("removed", []))
         if removed & self.fail_on:
-            return ChildResult(error=f"RuntimeError: synthetic failure for {sorted(removed & self.fail_on)}")
+            return ChildResult(
+                error=f"RuntimeError: synthetic failure for {sorted(removed & self.fail_on)}"
+            )
         lost = len(removed & self.important) * self.penalty
         acc = max(0.0, self._teacher_accuracy - lost)
         return ChildResult(accuracy=acc)

@@ -72,7 +72,26 @@ class CifarResNet(nn.Module):
 
 _VGG_CFGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg16": [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+    ],
 }
 
 
@@ -97,7 +116,11 @@ class VGG(nn.Module):
                     size //= 2
                 continue
             out = _ch(int(v), width)
-            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
             channels = out
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -114,12 +137,22 @@ class SmallCNN(nn.Module):
         super().__init__()
         c1, c2, c3 = _ch(32, width), _ch(64, width), _ch(128, width)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),
-            nn.Conv2d(c1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(),
+            nn.Conv2d(in_channels, c1, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c1, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(c2, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(),
-            nn.Conv2d(c2, c3, 3, padding=1, bias=False), nn.BatchNorm2d(c3), nn.ReLU(),
+            nn.Conv2d(c2, c2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
+            nn.Conv2d(c2, c3, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c3),
+            nn.ReLU(),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.hidden = nn.Linear(c3, c3)
@@ -139,14 +172,19 @@ class DepthwiseSeparableNet(nn.Module):
         plan = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1)]
         c = _ch(32, width)
         layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
+            nn.Conv2d(in_channels, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(),
         ]
         for out, stride in plan:
             out = _ch(out, width)
             layers += [
                 nn.Conv2d(c, c, 3, stride=stride, padding=1, groups=c, bias=False),
-                nn.BatchNorm2d(c), nn.ReLU(),
-                nn.Conv2d(c, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(),
+                nn.BatchNorm2d(c),
+                nn.ReLU(),
+                nn.Conv2d(c, out, 1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(),
             ]
             c = out
         self.features = nn.Sequential(*layers)
@@ -212,4 +250,6 @@ def build_model(arch_spec: dict[str, Any]) -> nn.Module:
     try:
         return builder(**kwargs)
     except TypeError as err:
-        raise ValueError(f"architecture {arch_spec['arch']!r} rejects kwargs {kwargs}: {err}") from err
+        raise ValueError(
+            f"architecture {arch_spec['arch']!r} rejects kwargs {kwargs}: {err}"
+        ) from err

@@ -73,7 +73,9 @@ class ConstrainedReward:
             if key not in BUDGET_KEYS:
                 raise ValueError(f"unknown budget {key!r}: use one of {list(BUDGET_KEYS)}")
             if not 0 < value <= 1:
-                raise ValueError(f"budget {key}={value} must be a fraction of the teacher in (0, 1]")
+                raise ValueError(
+                    f"budget {key}={value} must be a fraction of the teacher in (0, 1]"
+                )
         if self.softness <= 0:
             raise ValueError(f"softness {self.softness} must be > 0")
 

@@ -1,0 +1,285 @@
+"""The two N2N environments: layer removal, then layer shrinkage.
+
+Both take only an ``env_config`` dict (RLlib's convention) with these keys:
+
+- ``teacher``: a checkpoint folder (spec.json + weights.pt), a student spec, or an
+  architecture spec ``{"arch", "kwargs", "input_shape"}`` (random weights, for tests).
+- ``evaluator``: an :class:`~envs.evaluation.Evaluator` or an import path
+  ``"module:Class"`` built with ``evaluator_config``.
+- ``reward``: ``{"name": "n2n"}`` (default) or ``{"name": "constrained", "budgets": {...}}``.
+- ``teacher_accuracy``: overrides the evaluator's teacher accuracy.
+- ``teacher_latency_s``: the teacher's latency, for a latency budget.
+
+Shrinkage also reads ``ratios`` (keep-ratios to choose from, default 0.1 ... 1.0),
+``min_channels`` (default 4), ``importance`` (``"l1"`` or ``"bn"``), ``sequential``
+(one unit per step, so a recurrent policy sees its earlier choices) and ``start`` (the
+network to shrink: a checkpoint folder or student spec, default the teacher).
+
+An episode yields one child network. The observation is the parent's unit descriptors
+(``envs.graph.FEATURES``): a float32 Box ``[units, features]`` in [0, 1] whose
+``removable`` / ``shrinkable`` columns mark the units the action addresses and, in
+sequential shrinkage, whose ``keep_ratio`` / ``cursor`` columns show the choices so far.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from torch import nn
+
+from envs.costs import model_costs
+from envs.evaluation import Child, ChildResult, load_evaluator
+from envs.graph import COL
+from envs.models import build_model
+from envs.rewards import FAILED_REWARD, ChildScore, make_reward
+from envs.spec import arch_hash, build_from_spec, canonical, load_checkpoint, teacher_spec
+from envs.surgery import DEFAULT_RATIOS, IMPORTANCE, analyze, make_child, validate_ratio
+
+log = logging.getLogger(__name__)
+
+_KNOWN_KEYS = {
+    "teacher", "evaluator", "evaluator_config", "reward", "teacher_accuracy", "teacher_latency_s",
+    "ratios", "min_channels", "importance", "sequential", "start", "stage",
+}  # fmt: skip
+
+
+def load_network(source: Any, what: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
+    """A network and its student spec from a checkpoint folder, a student spec or an arch spec."""
+    if isinstance(source, str | Path):
+        ckpt = load_checkpoint(source)
+        return ckpt.model, ckpt.spec
+    if isinstance(source, dict) and "format" in source:
+        spec = canonical(source)
+        return build_from_spec(spec).eval(), spec
+    if isinstance(source, dict) and "arch" in source:
+        spec = teacher_spec(source)
+        return build_model(source).eval(), spec
+    raise ValueError(
+        f"{what} {source!r} must be a checkpoint folder, a student spec or an architecture "
+        "spec {'arch', 'kwargs', 'input_shape'}"
+    )
+
+
+class _ChildEnv(gym.Env):
+    """What both stages share: the teacher, the evaluator, the reward and child scoring."""
+
+    metadata: dict[str, Any] = {"render_modes": []}
+    stage = ""
+
+    def __init__(self, env_config: dict[str, Any] | None = None) -> None:
+        config = dict(env_config or {})
+        unknown = set(config) - _KNOWN_KEYS
+        if unknown:
+            raise ValueError(
+                f"unknown env_config keys {sorted(unknown)}; known keys are {sorted(_KNOWN_KEYS)}"
+            )
+        if "teacher" not in config or "evaluator" not in config:
+            raise ValueError(
+                "env_config needs 'teacher' (checkpoint folder or spec) and 'evaluator'"
+            )
+        self.config = config
+        self.teacher, self.teacher_spec = load_network(config["teacher"])
+        self.input_shape = tuple(self.teacher_spec["base"]["input_shape"])
+        self.teacher_costs = model_costs(self.teacher, self.input_shape)
+        self.evaluator = load_evaluator(config["evaluator"], config.get("evaluator_config"))
+        self.reward_fn = make_reward(config.get("reward"))
+        accuracy = config.get("teacher_accuracy")
+        self.teacher_accuracy = float(
+            accuracy if accuracy is not None else self.evaluator.teacher_accuracy
+        )
+        if not 0 < self.teacher_accuracy <= 1:
+            raise ValueError(f"teacher accuracy {self.teacher_accuracy} must be in (0, 1]")
+        self.teacher_latency_s = config.get("teacher_latency_s")
+
+    def _score(
+        self, build: Any, action: list[int], extra: dict[str, Any]
+    ) -> tuple[float, dict[str, Any]]:
+        """Builds a child with ``build()``, evaluates it and returns (reward, info)."""
+        info: dict[str, Any] = {"stage": self.stage, "action": action, **extra}
+        try:
+            model, spec = build()
+            costs = model_costs(model, self.input_shape)
+            child = Child(
+                model,
+                spec,
+                arch_hash(spec),
+                costs.params,
+                costs.flops,
+                costs.size_bytes,
+                self.stage,
+            )
+            info.update(spec=spec, arch_hash=child.arch_hash, **costs.as_dict())
+            info["compression"] = 1.0 - costs.params / self.teacher_costs.params
+            result = self.evaluator.evaluate(child)
+        except Exception as err:  # surgery or a misbehaving evaluator: the child failed
+            log.warning("child failed: %s: %s", type(err).__name__, err)
+            result = ChildResult(error=f"{type(err).__name__}: {err}")
+        info.update(
+            accuracy=result.accuracy,
+            error=result.error,
+            cache_hit=result.cache_hit,
+            kd_steps=result.kd_steps,
+            latency_s=result.latency_s,
+            wall_time_s=result.wall_time_s,
+            **{f"extra_{k}": v for k, v in result.extra.items()},
+        )
+        if result.failed:
+            info["error"] = result.error or f"evaluator returned accuracy {result.accuracy!r}"
+            info["reward"] = FAILED_REWARD
+            return FAILED_REWARD, info
+        score = ChildScore(
+            accuracy=float(result.accuracy),
+            teacher_accuracy=self.teacher_accuracy,
+            params=info["params"],
+            teacher_params=self.teacher_costs.params,
+            flops=info["flops"],
+            teacher_flops=self.teacher_costs.flops,
+            latency_s=result.latency_s,
+            teacher_latency_s=self.teacher_latency_s,
+        )
+        try:
+            reward = float(self.reward_fn(score))
+        except ValueError as err:
+            info["error"] = f"ValueError: {err}"
+            reward = FAILED_REWARD
+        info["reward"] = reward
+        return reward, info
+
+    @staticmethod
+    def _check_action(action: Any, nvec: np.ndarray, what: str) -> list[int]:
+        values = np.asarray(action).reshape(-1)
+        if values.shape[0] != len(nvec):
+            raise ValueError(
+                f"action has length {values.shape[0]} but this environment expects {len(nvec)} ({what})"
+            )
+        for i, (v, n) in enumerate(zip(values, nvec, strict=True)):
+            if not (float(v).is_integer() and 0 <= v < n):
+                raise ValueError(
+                    f"action[{i}] = {v!r} is out of range: it must be an integer in [0, {n - 1}]"
+                )
+        return [int(v) for v in values]
+
+
+class RemovalEnv(_ChildEnv):
+    """Stage 1: one action decides, for every removable unit, keep (0) or remove (1)."""
+
+    stage = "removal"
+
+    def __init__(self, env_config: dict[str, Any] | None = None) -> None:
+        super().__init__(env_config)
+        self.architecture = analyze(self.teacher, self.input_shape)
+        self.units = [u.name for u in self.architecture.removable]
+        if not self.units:
+            raise ValueError("the teacher has no removable unit; skip the removal stage")
+        self._obs = self.architecture.descriptors()
+        self.observation_space = gym.spaces.Box(0.0, 1.0, self._obs.shape, np.float32)
+        self.action_space = gym.spaces.MultiDiscrete([2] * len(self.units))
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        return self._obs.copy(), {}
+
+    def step(self, action: Any):
+        values = self._check_action(action, self.action_space.nvec, "one 0/1 per removable unit")
+        removed = [u for u, v in zip(self.units, values, strict=True) if v == 1]
+        reward, info = self._score(
+            lambda: make_child(self.teacher, self.teacher_spec, remove=removed),
+            values,
+            {"removed": removed},
+        )
+        return self._obs.copy(), reward, True, False, info
+
+
+class ShrinkageEnv(_ChildEnv):
+    """Stage 2: a keep-ratio index per shrinkable unit, all at once or one unit per step."""
+
+    stage = "shrinkage"
+
+    def __init__(self, env_config: dict[str, Any] | None = None) -> None:
+        super().__init__(env_config)
+        config = self.config
+        self.ratios = tuple(
+            validate_ratio(r, "ratio in 'ratios'") for r in config.get("ratios", DEFAULT_RATIOS)
+        )
+        if not self.ratios:
+            raise ValueError("'ratios' is empty: give keep-ratios such as [0.25, 0.5, 1.0]")
+        self.min_channels = int(config.get("min_channels", 4))
+        if self.min_channels < 1:
+            raise ValueError(f"min_channels {self.min_channels} must be >= 1")
+        self.importance = config.get("importance", "l1")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"importance {self.importance!r} is not one of {list(IMPORTANCE)}")
+        self.sequential = bool(config.get("sequential", False))
+        if config.get("start") is not None:
+            self.parent, self.parent_spec = load_network(config["start"], "start")
+        else:
+            self.parent, self.parent_spec = self.teacher, self.teacher_spec
+        self.architecture = analyze(self.parent, self.input_shape)
+        self.units = [u.name for u in self.architecture.shrinkable]
+        if not self.units:
+            raise ValueError("the network has no shrinkable unit; skip the shrinkage stage")
+        self._rows = [i for i, u in enumerate(self.architecture.units) if u.shrinkable]
+        self._base_obs = self.architecture.descriptors()
+        self.observation_space = gym.spaces.Box(0.0, 1.0, self._base_obs.shape, np.float32)
+        n = len(self.ratios)
+        self.action_space = (
+            gym.spaces.Discrete(n)
+            if self.sequential
+            else gym.spaces.MultiDiscrete([n] * len(self.units))
+        )
+        self._choices: list[int] = []
+
+    def _observation(self) -> np.ndarray:
+        obs = self._base_obs.copy()
+        for row, choice in zip(self._rows, self._choices, strict=False):
+            obs[row, COL["keep_ratio"]] = self.ratios[choice]
+        if self.sequential and len(self._choices) < len(self._rows):
+            obs[self._rows[len(self._choices)], COL["cursor"]] = 1.0
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self._choices = []
+        return self._observation(), {}
+
+    def step(self, action: Any):
+        if self.sequential:
+            if len(self._choices) >= len(self.units):
+                raise ValueError("the episode is over: call reset() before step()")
+            self._choices += self._check_action(
+                action, np.array([len(self.ratios)]), "one ratio index"
+            )
+            if len(self._choices) < len(self.units):
+                return self._observation(), 0.0, False, False, {"stage": self.stage}
+            values = list(self._choices)
+        else:
+            values = self._check_action(
+                action, self.action_space.nvec, "one ratio index per shrinkable unit"
+            )
+            self._choices = values
+        ratios = {u: self.ratios[v] for u, v in zip(self.units, values, strict=True)}
+        reward, info = self._score(
+            lambda: make_child(
+                self.parent,
+                self.parent_spec,
+                ratios=ratios,
+                min_channels=self.min_channels,
+                importance=self.importance,
+            ),
+            values,
+            {"ratios": ratios},
+        )
+        return self._observation(), reward, True, False, info
+
+
+def register(prefix: str = "n2n") -> tuple[str, str]:
+    """Registers both envs with Ray Tune's registry as ``n2n-removal`` / ``n2n-shrinkage``."""
+    from ray.tune.registry import register_env
+
+    register_env(f"{prefix}-removal", lambda cfg: RemovalEnv(dict(cfg)))
+    register_env(f"{prefix}-shrinkage", lambda cfg: ShrinkageEnv(dict(cfg)))
+    return f"{prefix}-removal", f"{prefix}-shrinkage"

@@ -1,0 +1,406 @@
+"""Model surgery that keeps the teacher's weights: remove units, shrink channels.
+
+Removal rewires the traced graph so that a removed unit's input feeds its users, then erases
+the unit. When the unit changed the channel count, the next conv/linear layer is rebuilt
+for its new input width, keeping the teacher's weights for the input channels that survive
+(the ones it weighted most, by L1 norm); should the input grow instead, the new input
+channels get zero weights so the surviving ones compute exactly what they did.
+
+Shrinkage works on coupled channel groups found by Torch-Pruning's ``DependencyGraph``:
+a conv's output channels are tied to its BatchNorm, the next layers' inputs, every tensor
+added to them by a residual connection and any depthwise conv in between. Each group is
+decided by one unit (the first, in topological order, that contains a layer of the group);
+the unit's keep-ratio sets the group's width and the most important channels are kept (L1
+norm of filters by default, BatchNorm gamma as in Network Slimming as an option).
+
+The teacher is never modified: every function works on a deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch_pruning as tp
+from torch import nn
+
+from envs.graph import LAYER_TYPES, Architecture, describe, trace
+from envs.models import build_model
+from envs.spec import SPEC_FORMAT, canonical
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+IMPORTANCE = ("l1", "bn")
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Output channels that must be pruned together."""
+
+    owner: str
+    """Module path of the group's first layer: the group's key in a spec's ``channels``."""
+    unit: str
+    """The unit whose keep-ratio decides the group."""
+    layers: tuple[str, ...]
+    """Every conv/linear whose output channels belong to the group."""
+    channels: int
+
+
+def validate_ratio(ratio: float, where: str = "keep-ratio") -> float:
+    """Returns ``ratio`` if it lies in (0, 1], else raises ``ValueError``."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} {ratio!r} is not a number in (0, 1]") from None
+    if not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"{where} {ratio!r} is outside (0, 1]: use a fraction of channels to keep, e.g. 0.5"
+        )
+    return value
+
+
+# --- removal -----------------------------------------------------------------------------
+
+
+def remove_units(model: nn.Module, names: Iterable[str], input_shape: Sequence[int]) -> nn.Module:
+    """Returns a copy of ``model`` without the named units (see ``envs.graph``).
+
+    Raises:
+        ValueError: a name is not a unit, or the unit is not removable (the message says why).
+    """
+    names = list(dict.fromkeys(names))
+    gm = copy.deepcopy(trace(model))
+    if not names:
+        return gm
+    arch = describe(gm, input_shape)
+    units = {u.name: u for u in arch.units}
+    for name in names:
+        if name not in units:
+            raise ValueError(f"unit {name!r} does not exist; units are {list(units)}")
+        if not units[name].removable:
+            raise ValueError(f"unit {name!r} cannot be removed: {units[name].why_not}")
+    by_name = {n.name: n for n in gm.graph.nodes}
+    replaced: dict[str, fx.Node] = {}  # erased output -> the node that now stands for it
+    for unit in (u for u in arch.units if u.name in names):  # topological order
+        source = by_name[unit.input_node]
+        while source.name in replaced:
+            source = replaced[source.name]
+        by_name[unit.output_node].replace_all_uses_with(source)
+        replaced[unit.output_node] = source
+        for node_name in reversed(unit.nodes):
+            gm.graph.erase_node(by_name[node_name])
+    gm.graph.lint()
+    gm.recompile()
+    _AdaptInputs(gm).run(torch.zeros(1, *input_shape))
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+class _AdaptInputs(fx.Interpreter):
+    """Runs the graph and rebuilds every layer whose input width no longer matches."""
+
+    @torch.no_grad()
+    def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        x = args[0]
+        if isinstance(module, LAYER_TYPES) and isinstance(x, torch.Tensor):
+            got = x.shape[-1] if isinstance(module, nn.Linear) else x.shape[1]
+            want = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+            if got != want:
+                module = _with_inputs(module, int(got))
+                _set_submodule(self.module, target, module)
+        was = module.training
+        module.eval()
+        try:
+            return module(*args, **kwargs)
+        finally:
+            module.train(was)
+
+
+def _with_inputs(layer: nn.Module, n_in: int) -> nn.Module:
+    """A copy of a conv/linear layer taking ``n_in`` inputs, keeping the teacher's weights."""
+    if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d) and layer.groups != 1:
+        raise ValueError(f"cannot change the input width of grouped convolution {layer}")
+    new = copy.deepcopy(layer)
+    w = layer.weight.detach()
+    old_in = w.shape[1]
+    if n_in <= old_in:
+        dims = [d for d in range(w.dim()) if d != 1]
+        keep = w.abs().sum(dim=dims).argsort(descending=True)[:n_in].sort().values
+        new_w = w.index_select(1, keep).clone()
+    else:
+        shape = list(w.shape)
+        shape[1] = n_in - old_in
+        new_w = torch.cat([w, w.new_zeros(shape)], dim=1)
+    new.weight = nn.Parameter(new_w)
+    if isinstance(new, nn.Linear):
+        new.in_features = n_in
+    else:
+        new.in_channels = n_in
+    return new
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+# --- shrinkage ---------------------------------------------------------------------------
+
+
+def _dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.DependencyGraph:
+    was = model.training
+    model.eval()
+    try:
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=torch.zeros(1, *input_shape), verbose=False
+        )
+    finally:
+        model.train(was)
+
+
+def _out_pruner(dg: tp.DependencyGraph, module: nn.Module):  # noqa: ANN202
+    pruner = dg.get_pruner_of_module(module)
+    return None if pruner is None else pruner.prune_out_channels
+
+
+def channel_groups(
+    model: nn.Module, arch: Architecture, dg: tp.DependencyGraph | None = None
+) -> list[ChannelGroup]:
+    """The coupled output-channel groups of ``model``, each assigned to its deciding unit.
+
+    Groups that include the network output (the classifier's classes) are left out.
+    """
+    dg = dg or _dependency_graph(model, arch.input_shape)
+    names = {m: n for n, m in model.named_modules()}
+    unit_of = {mod: u.name for u in arch.units for mod in u.modules}
+    output_layers = {
+        u.modules[0] for u in arch.units if u.why_not and u.why_not.startswith("classifier")
+    }
+    seen: set[str] = set()
+    groups: list[ChannelGroup] = []
+    for unit in arch.units:
+        for path in unit.modules:
+            module = model.get_submodule(path)
+            if path in seen or not isinstance(module, LAYER_TYPES):
+                continue
+            fn = _out_pruner(dg, module)
+            if fn is None:
+                continue
+            n_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            group = dg.get_pruning_group(module, fn, list(range(n_out)))
+            layers = [
+                names[dep.target.module]
+                for dep, _ in group
+                if dg.is_out_channel_pruning_fn(dep.handler)
+                and isinstance(dep.target.module, LAYER_TYPES)
+            ]
+            layers = list(dict.fromkeys(layers))
+            seen.update(layers)
+            if output_layers & set(layers):
+                continue
+            owner_unit = min((unit_of[p] for p in layers if p in unit_of), key=_unit_order(arch))
+            groups.append(ChannelGroup(path, owner_unit, tuple(layers), int(n_out)))
+    return groups
+
+
+def _unit_order(arch: Architecture):  # noqa: ANN202
+    order = {u.name: i for i, u in enumerate(arch.units)}
+    return lambda name: order[name]
+
+
+def _importance(kind: str) -> tp.importance.Importance:
+    if kind == "l1":
+        return tp.importance.GroupMagnitudeImportance(
+            p=1,
+            normalizer=None,
+            group_reduction="mean",
+            target_types=[nn.modules.conv._ConvNd, nn.Linear],
+        )
+    if kind == "bn":
+        return tp.importance.GroupMagnitudeImportance(
+            p=1,
+            normalizer=None,
+            group_reduction="mean",
+            target_types=[nn.modules.batchnorm._BatchNorm],
+        )
+    raise ValueError(f"unknown importance {kind!r}: use one of {list(IMPORTANCE)}")
+
+
+def kept_channels(channels: int, ratio: float, min_channels: int) -> int:
+    """How many of ``channels`` a keep-ratio keeps: ``round(ratio * channels)``, floored."""
+    return min(channels, max(min_channels, round(ratio * channels)))
+
+
+def shrink(
+    model: nn.Module,
+    ratios: Mapping[str, float],
+    input_shape: Sequence[int],
+    min_channels: int = 4,
+    importance: str = "l1",
+) -> nn.Module:
+    """Returns a copy of ``model`` with each named unit's channel groups shrunk to its ratio.
+
+    Raises:
+        ValueError: an unknown or unshrinkable unit, or a ratio outside (0, 1].
+    """
+    gm = copy.deepcopy(trace(model))
+    arch = describe(gm, input_shape)
+    units = {u.name: u for u in arch.units}
+    for name, ratio in ratios.items():
+        validate_ratio(ratio, f"keep-ratio for unit {name!r}")
+        if name not in units:
+            raise ValueError(f"unit {name!r} does not exist; units are {list(units)}")
+    if all(float(r) == 1.0 for r in ratios.values()):
+        return gm
+    dg = _dependency_graph(gm, input_shape)
+    groups = channel_groups(gm, arch, dg)
+    owned = {g.unit for g in groups}
+    for name in ratios:
+        if name not in owned:
+            raise ValueError(
+                f"unit {name!r} cannot be shrunk: {_why_not_shrinkable(units[name], groups)}"
+            )
+    scorer = _importance(importance)
+    for group in groups:
+        ratio = float(ratios.get(group.unit, 1.0))
+        keep = kept_channels(group.channels, ratio, min_channels)
+        if keep >= group.channels:
+            continue
+        root = gm.get_submodule(group.owner)
+        full = dg.get_pruning_group(root, _out_pruner(dg, root), list(range(group.channels)))
+        scores = scorer(full)
+        drop = scores.argsort()[: group.channels - keep].tolist()
+        dg.get_pruning_group(root, _out_pruner(dg, root), sorted(drop)).prune()
+    return gm
+
+
+def _why_not_shrinkable(unit: Any, groups: list[ChannelGroup]) -> str:
+    if unit.why_not and unit.why_not.startswith("classifier"):
+        return "its outputs are the classes"
+    deciders = sorted({g.unit for g in groups if set(g.layers) & set(unit.modules)})
+    if deciders:
+        return f"its channels are tied to and decided by unit(s) {deciders}"
+    return "it has no prunable output channels"
+
+
+def set_channels(
+    model: nn.Module, channels: Mapping[str, int], input_shape: Sequence[int]
+) -> nn.Module:
+    """Returns a copy of ``model`` with each group (by owner) cut to a channel count.
+
+    Used to rebuild a student's shapes from its spec; the weights are loaded afterwards.
+    """
+    gm = copy.deepcopy(trace(model))
+    arch = describe(gm, input_shape)
+    dg = _dependency_graph(gm, input_shape)
+    groups = {g.owner: g for g in channel_groups(gm, arch, dg)}
+    for owner, n in channels.items():
+        if owner not in groups:
+            raise ValueError(
+                f"spec names channel group {owner!r}, which this network does not have"
+            )
+        g = groups[owner]
+        if not 0 < n <= g.channels:
+            raise ValueError(f"spec asks {n} channels for group {owner!r}, which has {g.channels}")
+        if n < g.channels:
+            root = gm.get_submodule(owner)
+            dg.get_pruning_group(root, _out_pruner(dg, root), list(range(n, g.channels))).prune()
+    return gm
+
+
+# --- children and specs ------------------------------------------------------------------
+
+
+def make_child(
+    model: nn.Module,
+    spec: dict[str, Any],
+    remove: Iterable[str] = (),
+    ratios: Mapping[str, float] | None = None,
+    min_channels: int = 4,
+    importance: str = "l1",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Builds a child of ``model`` (the network ``spec`` describes) and the child's spec.
+
+    Args:
+        model: the parent network, holding the weights the child inherits.
+        spec: the parent's student spec.
+        remove: units to remove.
+        ratios: keep-ratio per unit to shrink (applied after removal).
+        min_channels: no group is shrunk below this many channels.
+        importance: ``"l1"`` (filter L1 norm) or ``"bn"`` (BatchNorm gamma).
+    """
+    spec = canonical(spec)
+    input_shape = spec["base"]["input_shape"]
+    remove = list(remove)
+    child = remove_units(model, remove, input_shape)
+    if ratios:
+        child = shrink(child, ratios, input_shape, min_channels=min_channels, importance=importance)
+    child_spec = {
+        "format": SPEC_FORMAT,
+        "base": spec["base"],
+        "removed": sorted(set(spec["removed"]) | set(remove)),
+        "channels": {},
+    }
+    reference = _unshrunk_channels(json.dumps(canonical(child_spec), sort_keys=True))
+    child_spec["channels"] = {
+        owner: n
+        for owner, n in current_channels(child, input_shape).items()
+        if n != reference[owner]
+    }
+    return child, canonical(child_spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _unshrunk_channels(spec_json: str) -> dict[str, int]:
+    """Group widths of the spec's base network after its removals, before any shrinkage.
+
+    A spec lists only the groups that differ from these, so that equal networks get equal
+    specs (and hashes) however they were reached.
+    """
+    spec = json.loads(spec_json)
+    model = remove_units(build_model(spec["base"]), spec["removed"], spec["base"]["input_shape"])
+    return current_channels(model, spec["base"]["input_shape"])
+
+
+def current_channels(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """Output channels of every coupled group, keyed by owner: the spec's ``channels``."""
+    gm = trace(model)
+    return {g.owner: g.channels for g in channel_groups(gm, describe(gm, input_shape))}
+
+
+def apply_spec(base_model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """Applies a canonical spec's removals and channel counts to a freshly built base model."""
+    if not spec["removed"] and not spec["channels"]:
+        return base_model
+    input_shape = spec["base"]["input_shape"]
+    model = remove_units(base_model, spec["removed"], input_shape)
+    if spec["channels"]:
+        model = set_channels(model, spec["channels"], input_shape)
+    return model
+
+
+def analyze(model: nn.Module, input_shape: Sequence[int]) -> Architecture:
+    """Describes ``model`` (see ``envs.graph.describe``) and marks which units can be shrunk.
+
+    A unit is shrinkable when it decides at least one coupled channel group; the others say
+    why not (the classifier's outputs are the classes; a residual block's output width is
+    decided by the unit that opens its stage).
+    """
+    gm = trace(model)
+    arch = describe(gm, input_shape)
+    groups = channel_groups(gm, arch)
+    for unit in arch.units:
+        unit.groups = [g.owner for g in groups if g.unit == unit.name]
+        unit.shrinkable = bool(unit.groups)
+        unit.why_not_shrinkable = None if unit.shrinkable else _why_not_shrinkable(unit, groups)
+    return arch
