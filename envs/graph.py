@@ -13,7 +13,6 @@ share of parameters and FLOPs), normalised to [0, 1].
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -505,7 +504,7 @@ def _removability(
 
 
 def _reaches_output(node: fx.Node, modules: dict[str, nn.Module], output: fx.Node) -> bool:
-    """True if ``node`` flows to the graph output through parameter-free ops only."""
+    """True if ``node`` flows to the graph output through no other conv/linear layer."""
     frontier, seen = [node], set()
     while frontier:
         n = frontier.pop()
@@ -514,14 +513,9 @@ def _reaches_output(node: fx.Node, modules: dict[str, nn.Module], output: fx.Nod
         if n.name in seen:
             continue
         seen.add(n.name)
-        for user in n.users:
-            if user.op == "call_module" and any(True for _ in modules[user.target].parameters()):
-                if not isinstance(modules[user.target], nn.modules.batchnorm._BatchNorm):
-                    continue
-            frontier.append(user)
+        frontier += [
+            u
+            for u in n.users
+            if not (u.op == "call_module" and isinstance(modules[u.target], LAYER_TYPES))
+        ]
     return False
-
-
-def clone(model: nn.Module) -> nn.Module:
-    """A deep copy, so that surgery never touches the caller's model."""
-    return copy.deepcopy(model)
