@@ -1,0 +1,415 @@
+"""Typed run configuration, loaded from a YAML preset and validated once at the edge.
+
+A run is described by one :class:`RunConfig`: pydantic models with ``extra="forbid"``, so an
+unknown key, a wrong type or an out-of-range value is rejected with a :class:`ConfigError`
+naming the dotted key (``removal.iterations``) before any Ray work starts. Presets live in
+``configs/<name>.yaml`` (``demo`` is the default); any key can be overridden with dotted
+``key=value`` pairs whose values are parsed as YAML (``removal.iterations=3``,
+``shrinkage.ratios=[0.25,0.5,1.0]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PRESET_DIRS = (
+    Path(__file__).resolve().parent.parent / "configs",
+    Path(__file__).resolve().parent / "presets",
+)
+"""Where preset names are looked up: the repository's ``configs/``, then packaged presets."""
+
+DEFAULT_PRESET = "demo"
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """The dataset children are trained and scored on."""
+
+    name: str = Field(
+        "digits",
+        description="Dataset: digits, fashion-mnist, mnist, cifar10, cifar100, svhn or imagefolder.",
+    )
+    root: str | None = Field(
+        None,
+        description="Folder holding the dataset files; None uses the dataset's default location.",
+    )
+    download: bool = Field(
+        False, description="Let torchvision download a missing dataset into root (never implicit)."
+    )
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of the training set held out to score rewards."
+    )
+    batch_size: PositiveInt = Field(
+        128, description="Mini-batch size for teacher and child training."
+    )
+    train_fraction: Fraction = Field(
+        1.0, description="Share of the training split a child's KD run may draw from."
+    )
+
+
+class TeacherConfig(_Section):
+    """The network to compress: an existing checkpoint, or a zoo model trained on the fly."""
+
+    checkpoint: str | None = Field(
+        None, description="Teacher checkpoint folder (spec.json + weights.pt); None trains one."
+    )
+    arch: str = Field(
+        "small_cnn", description="Zoo name or 'package.module:callable' when training a teacher."
+    )
+    width: float = Field(1.0, gt=0, le=4, description="Channel width multiplier of the zoo model.")
+    epochs: PositiveInt = Field(10, description="Training epochs for a teacher trained on the fly.")
+    lr: float = Field(0.05, gt=0, description="Learning rate for teacher training.")
+
+
+class DistillConfig(_Section):
+    """Knowledge-distillation budget for each child during the search."""
+
+    loss: Literal["kd", "l2"] = Field(
+        "kd", description="Hinton KD + cross-entropy ('kd') or N2N's L2 on logits ('l2')."
+    )
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the KD loss.")
+    alpha: float = Field(
+        0.9, ge=0, le=1, description="Weight of the KD term against cross-entropy."
+    )
+    steps: PositiveInt = Field(100, description="Optimizer steps per child.")
+    lr: float = Field(0.01, gt=0, description="Child learning rate.")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Child optimizer.")
+    timeout_s: float = Field(
+        1800.0, gt=0, description="A child running longer fails with reward -1."
+    )
+
+
+class RewardConfig(_Section):
+    """How a child's compression and accuracy become a reward (see envs.rewards)."""
+
+    name: Literal["n2n", "constrained"] = Field(
+        "n2n", description="N2N's C(2-C)*A/A_teacher, or with cost budgets."
+    )
+    budgets: dict[Literal["params", "flops", "latency"], Fraction] = Field(
+        default_factory=dict,
+        description="Constrained reward only: largest fraction of the teacher's cost.",
+    )
+    softness: float = Field(2.0, gt=0, description="Exponent of the over-budget softening factor.")
+
+    def as_env_config(self) -> dict[str, Any]:
+        """The ``reward`` entry of an env_config."""
+        if self.name == "n2n":
+            return {"name": "n2n"}
+        return {"name": "constrained", "budgets": dict(self.budgets), "softness": self.softness}
+
+
+class SearchConfig(_Section):
+    """Settings shared by both RL stages."""
+
+    algo: Literal["ppo", "appo", "random"] = Field(
+        "ppo", description="RLlib PPO, RLlib APPO, or the random-search baseline."
+    )
+    policy: Literal["lstm", "mlp"] = Field(
+        "lstm", description="N2N's recurrent policies, or a flat MLP for comparison."
+    )
+    hidden: PositiveInt = Field(64, description="LSTM cell / MLP layer width of the policy.")
+    env_runners: PositiveInt = Field(
+        1, description="RLlib env runners = children evaluated at once."
+    )
+    sample_timeout_s: float = Field(
+        3600.0, gt=0, description="Longest wait for one rollout; must exceed a child's evaluation."
+    )
+    evaluator: str = Field(
+        "pipeline.evaluator:KDEvaluator", description="Import path of the child evaluator class."
+    )
+    evaluator_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the evaluator (merged over the derived ones).",
+    )
+
+
+class StageConfig(_Section):
+    """One search stage: how many children it may evaluate and its RL hyperparameters."""
+
+    enabled: bool = Field(
+        True, description="Run this stage; a skipped stage passes its input architecture on."
+    )
+    iterations: PositiveInt = Field(10, description="Training iterations (policy updates).")
+    episodes_per_iteration: PositiveInt = Field(
+        5, description="Children sampled per update (N2N used 5)."
+    )
+    lr: float = Field(3e-3, gt=0, description="Policy learning rate.")
+    entropy_coeff: float = Field(
+        0.01, ge=0, description="Entropy bonus that keeps the policy exploring."
+    )
+    num_epochs: PositiveInt = Field(4, description="SGD passes over each batch of episodes.")
+
+    @property
+    def episodes(self) -> int:
+        """Children this stage evaluates in all (cache hits included)."""
+        return self.iterations * self.episodes_per_iteration
+
+
+class ShrinkageConfig(StageConfig):
+    """Stage 2: channel shrinkage, with its action set."""
+
+    ratios: list[Fraction] = Field(
+        default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)],
+        description="Keep-ratios a shrinkable unit may take.",
+        min_length=2,
+    )
+    min_channels: PositiveInt = Field(4, description="No layer shrinks below this many channels.")
+    importance: Literal["l1", "bn"] = Field(
+        "l1", description="Channel importance: filter L1 norm or BatchNorm gamma."
+    )
+    sequential: bool = Field(
+        False, description="One unit per env step (recurrent policy) instead of all at once."
+    )
+
+    @field_validator("ratios")
+    @classmethod
+    def _sorted_unique(cls, ratios: list[float]) -> list[float]:
+        if len(set(ratios)) != len(ratios):
+            raise ValueError(f"ratios {ratios} repeat a value")
+        return sorted(ratios)
+
+
+class FinetuneConfig(_Section):
+    """The final step: the best distinct students trained longer, then tested once."""
+
+    top_k: PositiveInt = Field(3, description="Distinct students fine-tuned, by search reward.")
+    steps: PositiveInt = Field(1000, description="KD optimizer steps per fine-tuned student.")
+    lr: float = Field(0.01, gt=0, description="Fine-tuning learning rate.")
+
+
+class RayConfig(_Section):
+    """Where the search runs."""
+
+    address: str | None = Field(
+        None,
+        description="Join this Ray cluster ('auto', 'ray://host:10001'); None starts a local one.",
+    )
+    num_cpus: PositiveInt | None = Field(
+        None, description="CPUs of a local cluster; None uses the machine's."
+    )
+    num_gpus: int | None = Field(
+        None, ge=0, description="GPUs of a local cluster; None uses the machine's."
+    )
+    object_store_mb: PositiveInt = Field(
+        1024, description="Object store size of a local cluster, in MiB."
+    )
+    cpus_per_child: float = Field(
+        1.0, gt=0, description="CPUs reserved by each child evaluation task."
+    )
+    gpus_per_child: float = Field(
+        0.0, ge=0, description="GPUs per child task (fractions share one GPU)."
+    )
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking."""
+
+    enabled: bool = Field(True, description="Log params, metrics and the student model to MLflow.")
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    experiment: str = Field("n2n", min_length=1, description="MLflow experiment name.")
+    registry_name: str | None = Field(
+        None, description="Register the final student under this model name."
+    )
+
+
+class OutputConfig(_Section):
+    """Where results go."""
+
+    run_dir: str | None = Field(
+        None, description="Run directory; None makes runs/<name>-<timestamp>."
+    )
+    storage_path: str | None = Field(
+        None, description="Ray Tune storage (local path or s3://); None uses <run_dir>/tune."
+    )
+
+
+class SweepConfig(_Section):
+    """Several Tune trials over search settings (``n2n sweep``)."""
+
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Dotted config key -> values; every combination is one trial.",
+    )
+    num_samples: PositiveInt = Field(1, description="Repeats of the grid (with different seeds).")
+    scheduler: Literal["none", "asha"] = Field(
+        "asha", description="Stop weak trials early with ASHA, or run all to the end."
+    )
+    grace_period: PositiveInt = Field(
+        2, description="ASHA: iterations before a trial may be stopped."
+    )
+    max_concurrent: PositiveInt = Field(1, description="Trials at once.")
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty_lists(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid key {key!r} has no values")
+        return grid
+
+
+class RunConfig(_Section):
+    """A whole run: data, teacher, child budget, reward, both search stages, outputs."""
+
+    name: str = Field(
+        "demo", min_length=1, description="Run name, used in the run directory and MLflow."
+    )
+    seed: int = Field(0, ge=0, description="Seed of everything (data split, policies, children).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    removal: StageConfig = Field(default_factory=StageConfig)
+    shrinkage: ShrinkageConfig = Field(default_factory=ShrinkageConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        """The ``removal`` or ``shrinkage`` section."""
+        return {"removal": self.removal, "shrinkage": self.shrinkage}[name]
+
+    def resolve_paths(self, now: float | None = None) -> RunConfig:
+        """A copy with ``output.run_dir`` and ``output.storage_path`` made absolute."""
+        out = self.model_copy(deep=True)
+        if out.output.run_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+            out.output.run_dir = str(Path("runs") / f"{out.name}-{stamp}")
+        run_dir = Path(out.output.run_dir).expanduser().resolve()
+        out.output.run_dir = str(run_dir)
+        if out.output.storage_path is None:
+            out.output.storage_path = str(run_dir / "tune")
+        elif "://" not in out.output.storage_path:
+            out.output.storage_path = str(Path(out.output.storage_path).expanduser().resolve())
+        return out
+
+    def to_yaml(self) -> str:
+        """The config as YAML, reloadable with :func:`load_config`."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def presets() -> dict[str, Path]:
+    """Preset names -> files, from every preset directory (earlier directories win)."""
+    found: dict[str, Path] = {}
+    for folder in PRESET_DIRS:
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.yaml")):
+                found.setdefault(path.stem, path)
+    return found
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"config {path}{where} is not valid YAML: {getattr(err, 'problem', err)}"
+        ) from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def read_preset(preset: str | Path) -> dict[str, Any]:
+    """The raw mapping of a preset name or a YAML file path."""
+    path = Path(preset).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return _read_yaml(path)
+    known = presets()
+    if str(preset) not in known:
+        raise ConfigError(
+            f"unknown preset {str(preset)!r}: use one of {sorted(known)} or a path to a YAML file"
+        )
+    return _read_yaml(known[str(preset)])
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Splits ``"a.b=value"`` into ``(["a", "b"], value)``, the value parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"override {text!r} must look like section.key=value, e.g. removal.iterations=3"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"override {text!r}: value is not valid YAML ({getattr(err, 'problem', err)})"
+        ) from err
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Returns a copy of ``raw`` with dotted ``key=value`` overrides set (validated later)."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(parts[: depth + 1])} is not a section"
+                )
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _error_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        line = (
+            f"config key {key!r} is unknown: check its spelling (n2n run --help lists the sections)"
+        )
+    else:
+        line = f"config key {key!r}: {first['msg']} (got {first.get('input')!r})"
+    more = len(err.errors()) - 1
+    return line + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
+
+
+def validate_config(raw: dict[str, Any]) -> RunConfig:
+    """Validates a raw mapping; raises :class:`ConfigError` with one line naming the key."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_error_line(err)) from None
+
+
+def load_config(
+    preset: str | Path = DEFAULT_PRESET, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """Loads a preset name or YAML file, applies dotted overrides and validates the result.
+
+    Raises:
+        ConfigError: unknown preset or file, invalid YAML, unknown key, wrong type, value out
+            of range; the message is one line naming the key.
+    """
+    return validate_config(apply_overrides(read_preset(preset), overrides))
