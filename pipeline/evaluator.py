@@ -1,0 +1,509 @@
+"""The knowledge-distillation evaluator: each child trained as a Ray task, results cached.
+
+:class:`KDEvaluator` implements ``envs.evaluation.Evaluator``. The driver calls
+:meth:`KDEvaluator.prepare` once: it loads the dataset and the teacher, computes the teacher's
+logits on the training data, puts all of it in the Ray object store and creates the run's
+reward cache. What reaches the env runners is then small: a few settings plus an
+``ObjectRef`` (:meth:`KDEvaluator.config` gives them as plain kwargs for
+``env_config["evaluator_config"]``), so no env runner and no task reloads the data.
+
+Each child runs as a ``@ray.remote`` task with its own ``num_cpus``/``num_gpus`` (fractional
+GPUs let several small children share one), launched with ``scheduling_strategy="DEFAULT"``
+so that tasks started from env runners inside a Tune trial are not captured by the trial's
+placement group (where they would wait forever). A child that fails for any reason (an
+exception, a NaN loss, CUDA out of memory, its timeout) comes back as
+``ChildResult(error="ErrorClass: message")`` and the env scores it -1. Tasks lost with a dead
+node or worker are retried ``max_retries`` times; errors raised by the child itself are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from envs.evaluation import Child, ChildResult
+from pipeline.cache import (
+    CLAIMED,
+    DEFAULT_CACHE_NAME,
+    HIT,
+    PENDING,
+    RewardCache,
+    get_or_create_cache,
+)
+from pipeline.distill import (
+    ChildTimeoutError,
+    DistillConfig,
+    distill,
+    evaluate_accuracy,
+    measure_latency,
+    teacher_logits,
+)
+
+logger = logging.getLogger(__name__)
+
+_NOT_CACHEABLE = "not_cacheable"
+"""Key in ``ChildResult.extra`` marking failures that depend on load, not on the child."""
+
+
+class KDEvaluator:
+    """Scores children by brief knowledge distillation from the teacher, on a Ray cluster.
+
+    Construct it from plain kwargs (so ``env_config`` can carry ``"pipeline.evaluator:KDEvaluator"``
+    and a kwargs dict) or pass the instance itself; either way it pickles small.
+
+    Args:
+        teacher: teacher checkpoint folder, or the teacher network itself.
+        dataset: dataset name, or keyword arguments for ``pipeline.data.load_dataset``.
+        distill: distillation settings (``pipeline.distill.DistillConfig`` fields).
+        num_cpus: CPUs reserved by each child task (also its PyTorch thread count).
+        num_gpus: GPUs reserved by each child task; a fraction shares one GPU between children.
+        timeout_s: a child whose training runs longer fails (reward -1); None for no limit.
+        hard_timeout_s: give up on a task that has not answered this long after submission
+            (queueing included; it catches hung or unschedulable tasks). Defaults to
+            ``2 * timeout_s + 60``.
+        max_retries: re-runs of a task lost to a dead worker or node.
+        cache: reuse results of architectures already evaluated with the same settings.
+        cache_name: name of the shared cache actor; defaults to one per evaluation fingerprint.
+        cache_path: sqlite file that keeps results across runs (e.g. ``runs/x/cache.sqlite``).
+        measure_latency: also time inference at batch 1 and ``latency_batch`` after training.
+        latency_batch: the larger batch size latency is measured at.
+        teacher_accuracy: overrides the measured teacher validation accuracy.
+        local: train children in this process instead of as Ray tasks (debugging, no cluster).
+        payload: set by :meth:`prepare` (an ``ObjectRef`` to the data and teacher logits).
+        fingerprint: set by :meth:`prepare` (hash of everything that decides an accuracy).
+    """
+
+    def __init__(
+        self,
+        teacher: str | Path | nn.Module | None = None,
+        dataset: str | dict[str, Any] = "digits",
+        distill: dict[str, Any] | DistillConfig | None = None,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        timeout_s: float | None = 1800.0,
+        hard_timeout_s: float | None = None,
+        max_retries: int = 3,
+        cache: bool = True,
+        cache_name: str | None = None,
+        cache_path: str | Path | None = None,
+        measure_latency: bool = False,
+        latency_batch: int = 64,
+        teacher_accuracy: float | None = None,
+        local: bool = False,
+        payload: Any = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        if teacher is None and payload is None:
+            raise ValueError(
+                "KDEvaluator needs teacher= (a checkpoint folder or a network) to distill from"
+            )
+        if isinstance(teacher, str | Path) and not Path(teacher).is_dir():
+            raise ValueError(
+                f"teacher checkpoint {teacher} is not a folder; train one with 'n2n teacher'"
+            )
+        if num_cpus <= 0 or num_gpus < 0:
+            raise ValueError(
+                f"child resources num_cpus={num_cpus}, num_gpus={num_gpus}: need num_cpus > 0, num_gpus >= 0"
+            )
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s {timeout_s!r} must be > 0 seconds or None")
+        if max_retries < 0:
+            raise ValueError(f"max_retries {max_retries!r} must be >= 0")
+        self.teacher = str(teacher) if isinstance(teacher, Path) else teacher
+        self.dataset = {"name": dataset} if isinstance(dataset, str) else dict(dataset)
+        self.distill_config = DistillConfig.from_dict(distill)
+        self.num_cpus, self.num_gpus = float(num_cpus), float(num_gpus)
+        self.timeout_s = timeout_s
+        self.hard_timeout_s = (
+            hard_timeout_s
+            if hard_timeout_s is not None
+            else (2 * timeout_s + 60 if timeout_s is not None else None)
+        )
+        self.max_retries = max_retries
+        self.cache = cache
+        self.cache_name = cache_name
+        self.cache_path = str(cache_path) if cache_path else None
+        self.measure_latency = measure_latency
+        self.latency_batch = latency_batch
+        self.local = local
+        self.payload = payload
+        self.fingerprint = fingerprint
+        self._teacher_accuracy = teacher_accuracy
+        self._cache_handle: Any = None
+        self._local_payload: dict[str, Any] | None = None
+        self.tasks_submitted = 0
+        """Child trainings this instance started (cache hits and joins excluded)."""
+
+    # ----------------------------------------------------------------- preparation
+    def prepare(self) -> KDEvaluator:
+        """Loads data and teacher, computes teacher logits, ships them to the object store once.
+
+        Idempotent; call it in the driver before handing :meth:`config` (or the instance) to
+        env runners. An unprepared evaluator prepares itself on first use, once per process.
+
+        Raises:
+            ValueError: the dataset or teacher cannot be loaded or do not fit each other.
+        """
+        if self.prepared:
+            self._connect_cache()
+            return self
+        from pipeline.data import load_dataset
+        from pipeline.teachers import load_teacher
+
+        splits = load_dataset(**self.dataset)
+        if isinstance(self.teacher, nn.Module):
+            teacher = self.teacher
+        else:
+            teacher = load_teacher(self.teacher, splits).model
+        started = time.perf_counter()
+        logits = teacher_logits(teacher, splits.train[0], device=self.distill_config.device)
+        if logits.shape != (len(splits.train[1]), splits.num_classes):
+            raise ValueError(
+                f"teacher outputs {tuple(logits.shape[1:])} per example but dataset {splits.name!r} "
+                f"has {splits.num_classes} classes; use a teacher trained on it"
+            )
+        if self._teacher_accuracy is None:
+            self._teacher_accuracy = evaluate_accuracy(teacher.cpu(), *splits.val)
+        logger.info(
+            "teacher logits for %d examples in %.2fs; teacher val accuracy %.4f",
+            len(logits),
+            time.perf_counter() - started,
+            self._teacher_accuracy,
+        )
+        payload = {
+            "train_x": splits.train[0].numpy(),
+            "train_y": splits.train[1].numpy(),
+            "val_x": splits.val[0].numpy(),
+            "val_y": splits.val[1].numpy(),
+            "teacher_logits": logits.numpy(),
+            "input_shape": tuple(splits.input_shape),
+        }
+        self.fingerprint = self._fingerprint(payload)
+        if self.local:
+            self._local_payload = payload
+            self.payload = "local"
+        else:
+            self.payload = ray.put(payload)
+        self._connect_cache()
+        return self
+
+    @property
+    def prepared(self) -> bool:
+        if self.local:
+            return self._local_payload is not None and self.fingerprint is not None
+        return (
+            self.payload is not None
+            and self.fingerprint is not None
+            and self._teacher_accuracy is not None
+        )
+
+    def config(self) -> dict[str, Any]:
+        """Constructor kwargs that rebuild this (prepared) evaluator in another process."""
+        self.prepare()
+        return {
+            "teacher": self.teacher if isinstance(self.teacher, str) else None,
+            "dataset": dict(self.dataset),
+            "distill": self.distill_config.as_dict(),
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "timeout_s": self.timeout_s,
+            "hard_timeout_s": self.hard_timeout_s,
+            "max_retries": self.max_retries,
+            "cache": self.cache,
+            "cache_name": self._resolved_cache_name(),
+            "cache_path": self.cache_path,
+            "measure_latency": self.measure_latency,
+            "latency_batch": self.latency_batch,
+            "teacher_accuracy": self._teacher_accuracy,
+            "local": self.local,
+            "payload": self.payload,
+            "fingerprint": self.fingerprint,
+        }
+
+    @property
+    def teacher_accuracy(self) -> float:
+        """The teacher's accuracy on the validation split the children are scored on."""
+        if self._teacher_accuracy is None:
+            self.prepare()
+        return float(self._teacher_accuracy)
+
+    def cache_stats(self) -> dict[str, Any]:
+        """The shared cache's counters (hits, misses, joined, size), or {} without a cache."""
+        cache = self._connect_cache()
+        if cache is None:
+            return {}
+        return cache.stats() if isinstance(cache, RewardCache) else ray.get(cache.stats.remote())
+
+    def close(self) -> None:
+        """Removes the shared cache actor (its sqlite file, if any, stays)."""
+        if self._cache_handle is not None and not isinstance(self._cache_handle, RewardCache):
+            ray.kill(self._cache_handle)
+        self._cache_handle = None
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate(self, child: Child) -> ChildResult:
+        """Trains and scores one child, or returns its cached result; never raises for a bad child."""
+        return self.evaluate_many([child])[0]
+
+    def evaluate_many(self, children: list[Child]) -> list[ChildResult]:
+        """Scores several children at once, as concurrent tasks; results in the same order.
+
+        Children with the same architecture are trained once; cached ones are not trained.
+        """
+        self.prepare()
+        started = time.perf_counter()
+        results: list[ChildResult | None] = [None] * len(children)
+        cache = self._connect_cache()
+        waiting: dict[str, list[int]] = {}  # key -> indices of children waiting for it
+        refs: dict[str, tuple[Any, bool]] = {}  # key -> (ObjectRef, we produce it)
+
+        for i, child in enumerate(children):
+            key = self._key(child)
+            if key in waiting:
+                waiting[key].append(i)
+                continue
+            if cache is not None:
+                status, value = self._cache_call(cache, "lookup", key)
+                if status == HIT:
+                    results[i] = _from_cached(value, started)
+                    continue
+                if status == PENDING:
+                    refs[key] = (value[0], False)
+                    waiting[key] = [i]
+                    continue
+            try:
+                ref = self._submit(child)
+            except Exception as err:  # e.g. the child cannot be serialised
+                results[i] = _error_result(err, started)
+                continue
+            ours = True
+            if cache is not None:
+                status, value = self._cache_call(cache, "claim", key, [ref])
+                if status != CLAIMED:  # another runner got there between lookup and claim
+                    if not self.local:
+                        ray.cancel(ref)
+                    if status == HIT:
+                        results[i] = _from_cached(value, started)
+                        continue
+                    ref, ours = value[0], False
+            refs[key] = (ref, ours)
+            self.tasks_submitted += int(ours)
+            waiting[key] = [i]
+
+        for key, result in self._collect({k: r for k, (r, _) in refs.items()}, started).items():
+            ours = refs[key][1]
+            if cache is not None and ours:
+                if result.extra.get(_NOT_CACHEABLE):
+                    self._cache_call(cache, "release", key)
+                else:
+                    self._cache_call(cache, "put", key, result.as_dict())
+            for n, i in enumerate(waiting[key]):
+                shared = n > 0 or not ours
+                results[i] = _copy_result(result, cache_hit=shared)
+        return [
+            r if r is not None else ChildResult(error="RuntimeError: no result") for r in results
+        ]
+
+    # ----------------------------------------------------------------- internals
+    def _key(self, child: Child) -> str:
+        return f"{child.arch_hash}-{self.fingerprint}"
+
+    def _submit(self, child: Child) -> Any:
+        args = (
+            child.model,
+            self.distill_config,
+            self.timeout_s,
+            self.latency_batch if self.measure_latency else None,
+            max(1, int(self.num_cpus)),
+        )
+        if self.local:
+            return ("local", self._local_payload, args)
+        return _child_task.options(
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            max_retries=self.max_retries,
+            retry_exceptions=False,
+            scheduling_strategy="DEFAULT",
+        ).remote(self.payload, *args)
+
+    def _collect(self, refs: dict[str, Any], started: float) -> dict[str, ChildResult]:
+        """Waits for every task; failures of Ray itself become error results."""
+        out: dict[str, ChildResult] = {}
+        if self.local:
+            for key, (_, payload, args) in refs.items():
+                out[key] = train_child(payload, *args)
+            return out
+        by_ref = {ref: key for key, ref in refs.items()}
+        remaining = list(by_ref)
+        while remaining:
+            timeout = None
+            if self.hard_timeout_s is not None:
+                timeout = max(0.0, started + self.hard_timeout_s - time.perf_counter())
+            ready, remaining = ray.wait(remaining, num_returns=1, timeout=timeout)
+            if not ready:  # the hard timeout passed for everything still running
+                for ref in remaining:
+                    ray.cancel(ref, force=True)
+                    out[by_ref[ref]] = ChildResult(
+                        error=(
+                            f"ChildTimeoutError: no result {self.hard_timeout_s:.0f} s after submission "
+                            "(the task hung or could not be scheduled; check num_cpus/num_gpus)"
+                        ),
+                        wall_time_s=time.perf_counter() - started,
+                        extra={_NOT_CACHEABLE: True},
+                    )
+                break
+            ref = ready[0]
+            try:
+                out[by_ref[ref]] = ray.get(ref)
+            except Exception as err:  # worker or node lost past max_retries, task cancelled, ...
+                cause = getattr(err, "cause", None) or err
+                result = _error_result(cause, started)
+                result.extra[_NOT_CACHEABLE] = True
+                out[by_ref[ref]] = result
+        return out
+
+    def _connect_cache(self) -> Any:
+        if not self.cache:
+            return None
+        if self._cache_handle is None:
+            if self.local:
+                self._cache_handle = RewardCache(self.cache_path)
+            else:
+                self._cache_handle = get_or_create_cache(
+                    self._resolved_cache_name(), self.cache_path
+                )
+        return self._cache_handle
+
+    def _cache_call(self, cache: Any, method: str, *args: Any) -> Any:
+        if isinstance(cache, RewardCache):
+            return getattr(cache, method)(*args)
+        return ray.get(getattr(cache, method).remote(*args))
+
+    def _resolved_cache_name(self) -> str:
+        return self.cache_name or f"{DEFAULT_CACHE_NAME}-{self.fingerprint}"
+
+    def _fingerprint(self, payload: dict[str, Any]) -> str:
+        """Hash of everything that decides a child's accuracy: data, teacher, KD settings."""
+        digest = hashlib.sha256()
+        for name in ("train_y", "val_y", "teacher_logits"):
+            digest.update(np.ascontiguousarray(payload[name]).tobytes())
+        digest.update(np.ascontiguousarray(payload["val_x"][:64]).tobytes())
+        settings = {
+            "dataset": self.dataset,
+            "distill": self.distill_config.fingerprint(),
+            "latency": self.latency_batch if self.measure_latency else None,
+        }
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:16]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache_handle"] = None  # reconnect by name in the receiving process
+        if isinstance(self.teacher, nn.Module) and self.prepared and not self.local:
+            state["teacher"] = None  # logits and accuracy already carry what children need
+        return state
+
+
+def train_child(
+    payload: dict[str, Any],
+    model: nn.Module,
+    cfg: DistillConfig,
+    timeout_s: float | None,
+    latency_batch: int | None,
+    num_threads: int,
+) -> ChildResult:
+    """Distils one child from the payload's teacher logits and scores it; never raises.
+
+    This is the body of the Ray task (also called directly in local mode). Errors come back as
+    ``ChildResult.error = "ErrorClass: message"``; those that depend on the machine's load
+    rather than on the child (timeouts, out of memory) are marked not cacheable.
+    """
+    started = time.perf_counter()
+    deadline = started + timeout_s if timeout_s is not None else None
+    try:
+        torch.set_num_threads(num_threads)
+        with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes them
+            warnings.simplefilter("ignore", UserWarning)
+            data = {k: torch.from_numpy(v) for k, v in payload.items() if isinstance(v, np.ndarray)}
+        result = distill(
+            model,
+            data["train_x"],
+            data["train_y"],
+            data["teacher_logits"],
+            data["val_x"],
+            data["val_y"],
+            cfg,
+            deadline=deadline,
+        )
+        extra: dict[str, Any] = {
+            "initial_accuracy": result.initial_accuracy,
+            "train_time_s": result.train_time_s,
+            "final_loss": result.final_loss,
+            "epochs": result.epochs,
+            "device": result.device,
+        }
+        latency = None
+        if latency_batch is not None:
+            timings = measure_latency(model, payload["input_shape"], (1, latency_batch))
+            latency = timings[1]
+            extra["latency_batch_s"] = timings[latency_batch]
+            extra["latency_batch"] = latency_batch
+        return ChildResult(
+            accuracy=result.accuracy,
+            wall_time_s=time.perf_counter() - started,
+            kd_steps=result.steps,
+            latency_s=latency,
+            extra=extra,
+        )
+    except ChildTimeoutError as err:
+        return ChildResult(
+            error=f"ChildTimeoutError: exceeded the per-child timeout of {timeout_s:g} s ({err})",
+            wall_time_s=time.perf_counter() - started,
+            extra={_NOT_CACHEABLE: True},
+        )
+    except torch.cuda.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        result = _error_result(err, started)
+        result.extra[_NOT_CACHEABLE] = True  # may fit when fewer children share the GPU
+        return result
+    except Exception as err:
+        logger.debug("child failed", exc_info=True)
+        return _error_result(err, started)
+
+
+@ray.remote
+def _child_task(payload: dict[str, Any], *args: Any) -> ChildResult:
+    """The Ray task: Ray resolves ``payload`` from the object store (zero-copy for arrays)."""
+    return train_child(payload, *args)
+
+
+def _error_result(err: BaseException, started: float) -> ChildResult:
+    message = str(err).strip().splitlines()
+    return ChildResult(
+        error=f"{type(err).__name__}: {message[0] if message else 'no message'}",
+        wall_time_s=time.perf_counter() - started,
+    )
+
+
+def _from_cached(stored: dict[str, Any], started: float) -> ChildResult:
+    result = ChildResult(**stored)
+    result.extra = dict(result.extra, original_wall_time_s=result.wall_time_s)
+    result.wall_time_s = time.perf_counter() - started
+    result.cache_hit = True
+    return result
+
+
+def _copy_result(result: ChildResult, cache_hit: bool) -> ChildResult:
+    copy = ChildResult(**result.as_dict())
+    copy.cache_hit = cache_hit
+    return copy

@@ -1,0 +1,253 @@
+"""Training and loading the teacher, the network the search compresses.
+
+A teacher is saved like every other model here: ``spec.json`` + ``weights.pt`` (+
+``metrics.json`` with validation/test accuracy, parameters and FLOPs), through
+``envs.spec.save_checkpoint``, so it can be rebuilt from its spec alone. ``n2n teacher``
+calls :func:`train_teacher`; the search calls :func:`load_teacher`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from envs.costs import model_costs
+from envs.models import build_model, resolve_arch
+from envs.spec import Checkpoint, load_checkpoint, save_checkpoint, teacher_spec
+from pipeline.data import Splits
+from pipeline.distill import evaluate_accuracy, resolve_device, seed_everything
+
+logger = logging.getLogger(__name__)
+
+AUGMENTATIONS = ("none", "shift", "shift+flip")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """How a teacher is trained (plain cross-entropy, one-cycle learning-rate schedule)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    """``"sgd"`` (Nesterov momentum) or ``"adam"``."""
+    lr: float = 0.05
+    """Peak learning rate of the one-cycle schedule."""
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    augment: str = "none"
+    """``"none"``, ``"shift"`` (random translations up to 1/8 of the image) or ``"shift+flip"``
+    (also horizontal flips; for natural images such as CIFAR, not for digits)."""
+    max_steps: int | None = None
+    """Stop after this many steps (for tests); None trains all ``epochs``."""
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"teacher optimizer {self.optimizer!r} is not 'sgd' or 'adam'")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"teacher augment {self.augment!r} is not one of {AUGMENTATIONS}")
+        for name in ("epochs", "batch_size", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"teacher {name} {getattr(self, name)!r} must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"teacher max_steps {self.max_steps!r} must be >= 1 or None")
+
+
+def teacher_base_spec(arch_spec: str | dict[str, Any], splits: Splits) -> dict[str, Any]:
+    """Completes an architecture spec for a dataset: classes, input channels and input shape.
+
+    ``arch_spec`` is a zoo name (``"resnet18"``) or ``{"arch": ..., "kwargs": {...}}``. Values
+    the dataset fixes are filled in; a contradicting value is an error.
+    """
+    base = (
+        {"arch": arch_spec, "kwargs": {}}
+        if isinstance(arch_spec, str)
+        else copy.deepcopy(arch_spec)
+    )
+    if not isinstance(base, dict) or "arch" not in base:
+        raise ValueError(f"architecture spec {arch_spec!r} needs an 'arch' key")
+    kwargs = dict(base.get("kwargs") or {})
+    channels, height, _ = splits.input_shape
+    for key, value in (("num_classes", splits.num_classes), ("in_channels", channels)):
+        if key in kwargs and int(kwargs[key]) != value:
+            raise ValueError(
+                f"architecture {base['arch']!r} sets {key}={kwargs[key]} but dataset "
+                f"{splits.name!r} has {value}; drop the setting or use another dataset"
+            )
+        kwargs[key] = value
+    accepted = inspect.signature(resolve_arch(base["arch"])).parameters
+    if "image_size" in accepted and "image_size" not in kwargs:  # VGG pools only while it can
+        kwargs["image_size"] = height
+    shape = list(splits.input_shape)
+    if base.get("input_shape") not in (None, shape):
+        raise ValueError(
+            f"architecture spec input_shape {base['input_shape']} differs from dataset "
+            f"{splits.name!r} images {shape}"
+        )
+    return {"arch": base["arch"], "kwargs": kwargs, "input_shape": shape}
+
+
+def train_teacher(
+    arch_spec: str | dict[str, Any],
+    splits: Splits,
+    cfg: TeacherConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Trains a zoo (or user) network on ``splits`` and measures it.
+
+    Args:
+        arch_spec: zoo name or architecture spec (see :func:`teacher_base_spec`).
+        splits: the dataset; the teacher is selected on nothing, so ``val`` stays unbiased.
+        cfg: training settings.
+        out_dir: if given, the checkpoint (spec, weights, metrics) is written there.
+        progress: show a progress bar (for the command line).
+
+    Returns:
+        The trained model (eval mode, on the CPU) and its metrics: ``val_accuracy``,
+        ``test_accuracy``, ``params``, ``flops``, ``size_bytes``, ``steps``, ``wall_time_s``,
+        ``dataset`` and ``config``.
+    """
+    cfg = cfg or TeacherConfig()
+    base = teacher_base_spec(arch_spec, splits)
+    seed_everything(cfg.seed)
+    model = build_model(base)
+    device = resolve_device(cfg.device)
+    model.to(device)
+
+    x, y = splits.train
+    batch = min(cfg.batch_size, len(y))
+    per_epoch = len(y) // batch
+    total = (
+        per_epoch * cfg.epochs
+        if cfg.max_steps is None
+        else min(cfg.max_steps, per_epoch * cfg.epochs)
+    )
+    optimizer = (
+        torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=True,
+            weight_decay=cfg.weight_decay,
+        )
+        if cfg.optimizer == "sgd"
+        else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    start = time.perf_counter()
+    step = 0
+    model.train()
+    with _progress_bar(progress, total, f"teacher {base['arch']} on {splits.name}") as advance:
+        while step < total:
+            order = torch.randperm(len(y), generator=generator)
+            for b in range(per_epoch):
+                idx = order[b * batch : (b + 1) * batch]
+                xb = _augment(x[idx], cfg.augment, generator).to(device)
+                loss = F.cross_entropy(
+                    model(xb), y[idx].to(device), label_smoothing=cfg.label_smoothing
+                )
+                if not math.isfinite(loss.item()):
+                    raise ValueError(
+                        f"teacher loss became {loss.item()} at step {step}; lower the learning rate (lr={cfg.lr})"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                step += 1
+                advance()
+                if step >= total:
+                    break
+            logger.info("teacher step %d/%d loss %.4f", step, total, loss.item())
+    wall = time.perf_counter() - start
+
+    model.eval()
+    costs = model_costs(model, splits.input_shape)
+    metrics = {
+        "val_accuracy": evaluate_accuracy(model, *splits.val),
+        "test_accuracy": evaluate_accuracy(model, *splits.test),
+        **costs.as_dict(),
+        "steps": step,
+        "wall_time_s": wall,
+        "dataset": splits.describe(),
+        "config": dataclasses.asdict(cfg),
+    }
+    model.cpu()
+    logger.info(
+        "teacher %s: val %.4f test %.4f",
+        base["arch"],
+        metrics["val_accuracy"],
+        metrics["test_accuracy"],
+    )
+    if out_dir is not None:
+        save_checkpoint(out_dir, model, teacher_spec(base), metrics)
+    return model, metrics
+
+
+def load_teacher(path: str | Path, splits: Splits) -> Checkpoint:
+    """Loads a teacher checkpoint and checks it fits the dataset.
+
+    Raises:
+        ValueError: a missing, truncated or mismatching checkpoint, or one made for another
+            number of classes or image shape.
+    """
+    checkpoint = load_checkpoint(path, num_classes=splits.num_classes)
+    shape = list(checkpoint.spec["base"]["input_shape"])
+    if shape != list(splits.input_shape):
+        raise ValueError(
+            f"teacher {path} expects images of shape {shape} but dataset {splits.name!r} has "
+            f"{list(splits.input_shape)}; train a teacher for this dataset (n2n teacher)"
+        )
+    return checkpoint
+
+
+def _augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Random translations (zero padding) and optional horizontal flips, per batch."""
+    if mode == "none":
+        return x
+    pad = max(1, x.shape[-1] // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dx, dy = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
+    x = padded[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
+    if mode == "shift+flip":
+        flip = torch.rand(len(x), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+class _progress_bar:
+    """A rich progress bar when asked for, else a no-op; yields an ``advance()`` callable."""
+
+    def __init__(self, enabled: bool, total: int, description: str) -> None:
+        self.enabled, self.total, self.description = enabled, total, description
+        self._progress = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import Progress
+
+        self._progress = Progress(transient=True)
+        self._progress.start()
+        task = self._progress.add_task(self.description, total=self.total)
+        return lambda: self._progress.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
