@@ -158,8 +158,9 @@ class _ChildEnv(gym.Env):
             )
         for i, (v, n) in enumerate(zip(values, nvec, strict=True)):
             if not (float(v).is_integer() and 0 <= v < n):
+                shown = int(v) if float(v).is_integer() else float(v)
                 raise ValueError(
-                    f"action[{i}] = {v!r} is out of range: it must be an integer in [0, {n - 1}]"
+                    f"action[{i}] = {shown} is out of range: it must be an integer in [0, {n - 1}]"
                 )
         return [int(v) for v in values]
 

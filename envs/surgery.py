@@ -218,22 +218,34 @@ def _unit_order(arch: Architecture):  # noqa: ANN202
     return lambda name: order[name]
 
 
-def _importance(kind: str) -> tp.importance.Importance:
-    if kind == "l1":
-        return tp.importance.GroupMagnitudeImportance(
-            p=1,
-            normalizer=None,
-            group_reduction="mean",
-            target_types=[nn.modules.conv._ConvNd, nn.Linear],
+def channel_importance(group: Any, dg: tp.DependencyGraph, kind: str = "l1") -> torch.Tensor:
+    """Importance of each channel of a coupled group, in the root layer's channel order.
+
+    ``"l1"`` sums the L1 norms of the output filters of every conv/linear layer in the group
+    (the filter-norm criterion of Li et al., extended to coupled layers); ``"bn"`` sums the
+    absolute BatchNorm scales, as Network Slimming does.
+    """
+    if kind not in IMPORTANCE:
+        raise ValueError(f"unknown importance {kind!r}: use one of {list(IMPORTANCE)}")
+    total: torch.Tensor | None = None
+    for dep, idxs in group:
+        module = dep.target.module
+        if not dg.is_out_channel_pruning_fn(dep.handler):
+            continue
+        if kind == "l1" and isinstance(module, LAYER_TYPES):
+            w = module.weight.detach()
+            score = w.abs().flatten(1).sum(dim=1)
+        elif kind == "bn" and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            score = module.weight.detach().abs()
+        else:
+            continue
+        score = score[torch.as_tensor(list(idxs), dtype=torch.long)]
+        total = score if total is None else total + score
+    if total is None:
+        raise ValueError(
+            f"importance {kind!r} found no {'BatchNorm' if kind == 'bn' else 'conv/linear'} layer in the group"
         )
-    if kind == "bn":
-        return tp.importance.GroupMagnitudeImportance(
-            p=1,
-            normalizer=None,
-            group_reduction="mean",
-            target_types=[nn.modules.batchnorm._BatchNorm],
-        )
-    raise ValueError(f"unknown importance {kind!r}: use one of {list(IMPORTANCE)}")
+    return total
 
 
 def kept_channels(channels: int, ratio: float, min_channels: int) -> int:
@@ -270,7 +282,6 @@ def shrink(
             raise ValueError(
                 f"unit {name!r} cannot be shrunk: {_why_not_shrinkable(units[name], groups)}"
             )
-    scorer = _importance(importance)
     for group in groups:
         ratio = float(ratios.get(group.unit, 1.0))
         keep = kept_channels(group.channels, ratio, min_channels)
@@ -278,7 +289,7 @@ def shrink(
             continue
         root = gm.get_submodule(group.owner)
         full = dg.get_pruning_group(root, _out_pruner(dg, root), list(range(group.channels)))
-        scores = scorer(full)
+        scores = channel_importance(full, dg, importance)
         drop = scores.argsort()[: group.channels - keep].tolist()
         dg.get_pruning_group(root, _out_pruner(dg, root), sorted(drop)).prune()
     return gm

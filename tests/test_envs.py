@@ -1,0 +1,159 @@
+"""The two Gymnasium environments: spaces, check_env, info, failures and bad actions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from envs import RemovalEnv, ShrinkageEnv, SyntheticEvaluator
+from envs.graph import COL
+from envs.spec import base_spec
+
+TEACHER = base_spec("small_cnn", [1, 8, 8])
+
+
+def _config(**extra):
+    return {"teacher": TEACHER, "evaluator": SyntheticEvaluator(important=["features.3"]), **extra}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RemovalEnv(_config()),
+        lambda: ShrinkageEnv(_config()),
+        lambda: ShrinkageEnv(_config(sequential=True, ratios=[0.25, 0.5, 1.0])),
+    ],
+    ids=["removal", "shrinkage", "shrinkage-sequential"],
+)
+def test_check_env_passes(make):
+    check_env(make(), skip_render_check=True)
+
+
+def test_removal_env_spaces_and_info():
+    env = RemovalEnv(_config())
+    obs, _ = env.reset(seed=0)
+    assert env.units == ["features.3", "features.6", "features.10", "features.13", "hidden"]
+    assert list(env.action_space.nvec) == [2] * 5
+    assert obs.shape == env.observation_space.shape == (7, len(COL))
+    assert obs[:, COL["removable"]].tolist() == [0, 1, 1, 1, 1, 1, 0]
+    _, reward, terminated, truncated, info = env.step([0, 0, 0, 0, 0])
+    assert (terminated, truncated) == (True, False)
+    assert reward == 0.0 and info["compression"] == 0.0  # keep-all: C = 0 gives R = 0
+    _, reward, _, _, info = env.step([0, 1, 0, 1, 1])
+    assert info["removed"] == ["features.6", "features.13", "hidden"]
+    assert info["params"] < env.teacher_costs.params and info["flops"] < env.teacher_costs.flops
+    c = info["compression"]
+    assert reward == pytest.approx(c * (2 - c) * 0.9 / 0.9)
+    assert info["error"] is None and len(info["arch_hash"]) == 16
+    # Removing an "important" unit costs accuracy in the synthetic evaluator.
+    _, reward_bad, _, _, info_bad = env.step([1, 1, 0, 1, 1])
+    assert info_bad["accuracy"] == pytest.approx(0.6) and reward_bad < reward
+
+
+def test_shrinkage_env_parallel_and_sequential_agree():
+    parallel = ShrinkageEnv(_config(ratios=[0.25, 0.5, 1.0]))
+    sequential = ShrinkageEnv(_config(ratios=[0.25, 0.5, 1.0], sequential=True))
+    assert parallel.units == sequential.units == [
+        "features.0", "features.3", "features.6", "features.10", "features.13", "hidden"
+    ]  # fmt: skip
+    choice = [0, 2, 1, 1, 2, 0]
+    _, r_par, _, _, info_par = parallel.step(choice)
+    obs, _ = sequential.reset(seed=1)
+    rows = [i for i, u in enumerate(sequential.architecture.units) if u.shrinkable]
+    for step, c in enumerate(choice):
+        assert obs[rows[step], COL["cursor"]] == 1.0 and obs[:, COL["cursor"]].sum() == 1.0
+        obs, r_seq, terminated, _, info_seq = sequential.step(c)
+        assert terminated == (step == len(choice) - 1)
+        if not terminated:
+            assert r_seq == 0.0
+            assert obs[rows[step], COL["keep_ratio"]] == [0.25, 0.5, 1.0][c]
+    assert r_seq == pytest.approx(r_par)
+    assert info_seq["arch_hash"] == info_par["arch_hash"]
+    assert info_par["spec"]["channels"]["features.0"] == 8  # 0.25 * 32
+
+
+def test_shrinkage_starts_from_a_removal_result():
+    start_env = RemovalEnv(_config())
+    _, _, _, _, info = start_env.step([0, 1, 0, 0, 1])
+    env = ShrinkageEnv(_config(start=info["spec"]))
+    assert "features.6" not in [u.name for u in env.architecture.units]
+    _, _, _, _, child = env.step([env.action_space.nvec[0] - 1] * len(env.units))  # keep all
+    assert child["arch_hash"] == info["arch_hash"]
+    assert child["spec"]["removed"] == ["features.6", "hidden"]
+
+
+def test_failed_child_gets_minus_one_with_reason():
+    env = RemovalEnv({"teacher": TEACHER, "evaluator": SyntheticEvaluator(fail_on=["hidden"])})
+    _, reward, _, _, info = env.step([0, 0, 0, 0, 1])
+    assert reward == -1.0 and info["reward"] == -1.0
+    assert info["error"].startswith("RuntimeError: synthetic failure")
+
+
+class RaisingEvaluator(SyntheticEvaluator):
+    def evaluate(self, child):
+        raise MemoryError("CUDA out of memory (simulated in a test evaluator)")
+
+
+def test_evaluator_exception_is_a_failed_child_not_a_crash():
+    env = RemovalEnv({"teacher": TEACHER, "evaluator": RaisingEvaluator()})
+    _, reward, _, _, info = env.step([1, 0, 0, 0, 0])
+    assert reward == -1.0 and info["error"].startswith("MemoryError: CUDA out of memory")
+
+
+def test_nan_accuracy_is_a_failure():
+    class NaNEvaluator(SyntheticEvaluator):
+        def evaluate(self, child):
+            result = super().evaluate(child)
+            result.accuracy = float("nan")
+            return result
+
+    env = RemovalEnv({"teacher": TEACHER, "evaluator": NaNEvaluator()})
+    _, reward, _, _, info = env.step([1, 0, 0, 0, 0])
+    assert reward == -1.0 and "nan" in info["error"]
+
+
+def test_evaluator_by_import_path():
+    env = RemovalEnv(
+        {
+            "teacher": TEACHER,
+            "evaluator": "envs.evaluation:SyntheticEvaluator",
+            "evaluator_config": {"teacher_accuracy": 0.8},
+        }
+    )
+    assert env.teacher_accuracy == 0.8
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        ([0, 1, 0], r"action has length 3 but this environment expects 5"),
+        ([0, 2, 0, 0, 0], r"action\[1\] = 2 is out of range"),
+        ([0, -1, 0, 0, 0], r"action\[1\] = -1 is out of range"),
+    ],
+)
+def test_bad_removal_actions(action, message):
+    env = RemovalEnv(_config())
+    with pytest.raises(ValueError, match=message):
+        env.step(np.array(action))
+
+
+def test_bad_shrinkage_config_and_actions():
+    with pytest.raises(ValueError, match=r"ratio in 'ratios' 1.5 is outside \(0, 1\]"):
+        ShrinkageEnv(_config(ratios=[0.5, 1.5]))
+    with pytest.raises(ValueError, match=r"unknown env_config keys \['ratio'\]"):
+        ShrinkageEnv(_config(ratio=[0.5]))
+    env = ShrinkageEnv(_config(ratios=[0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"action\[0\] = 2 is out of range"):
+        env.step([2, 0, 0, 0, 0, 0])
+
+
+def test_rllib_style_registration(ray_cluster):
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    from envs import register
+
+    removal, shrinkage = register()
+    env = _global_registry.get(ENV_CREATOR, removal)(_config())
+    assert isinstance(env, RemovalEnv)
+    assert isinstance(_global_registry.get(ENV_CREATOR, shrinkage)(_config()), ShrinkageEnv)

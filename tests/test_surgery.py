@@ -1,0 +1,287 @@
+"""Surgery must be exact: identity when nothing changes, closed-form parameter counts,
+valid networks for any legal action, on the zoo and on a user's own network."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from envs.costs import count_flops, count_params
+from envs.graph import TraceError, describe
+from envs.models import build_model
+from envs.spec import arch_hash, base_spec, build_from_spec, teacher_spec
+from envs.surgery import analyze, make_child, remove_units, shrink
+
+ZOO = [
+    ("resnet18", [3, 16, 16], {"width": 0.25}),
+    ("resnet34", [3, 16, 16], {"width": 0.125}),
+    ("vgg11", [3, 32, 32], {"width": 0.125}),
+    ("vgg16", [3, 32, 32], {"width": 0.125}),
+    ("small_cnn", [1, 8, 8], {}),
+    ("dwsep", [3, 16, 16], {"width": 0.25}),
+]
+
+
+class InvertedResidual(nn.Module):
+    """A user's MobileNet-v2 block: expand 1x1, depthwise 3x3, project 1x1, identity add."""
+
+    def __init__(self, c: int, expand: int = 4) -> None:
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.dw = nn.Sequential(
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6()
+        )
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(self.dw(self.expand(x)))
+
+
+class UserDepthwiseNet(nn.Module):
+    """Not in the zoo: depthwise-separable convs, inverted residuals, a functional relu."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.block1 = InvertedResidual(24)
+        self.block2 = InvertedResidual(24)
+        self.down = nn.Conv2d(24, 32, 3, stride=2, padding=1)
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.pw(torch.relu(self.dw(x))))
+        x = self.down(self.block2(self.block1(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _user_spec() -> dict:
+    return teacher_spec(base_spec(f"{__name__}:UserDepthwiseNet", [3, 16, 16]))
+
+
+def _model(arch: str, shape: list[int], kwargs: dict) -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    spec = teacher_spec(base_spec(arch, shape, **kwargs))
+    model = build_model(spec["base"]).eval()
+    _randomise_bn(model)
+    return model, spec
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    """Non-trivial BatchNorm statistics, so identity tests exercise every tensor."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.1, 0.1)
+
+
+ALL = [pytest.param(a, s, k, id=a) for a, s, k in ZOO] + [
+    pytest.param(f"{__name__}:UserDepthwiseNet", [3, 16, 16], {}, id="user-depthwise")
+]
+
+
+@pytest.mark.parametrize(("arch", "shape", "kwargs"), ALL)
+def test_keep_everything_is_exactly_the_teacher(arch, shape, kwargs):
+    teacher, spec = _model(arch, shape, kwargs)
+    x = torch.randn(4, *shape)
+    expected = teacher(x)
+    kept, kept_spec = make_child(teacher, spec)
+    ratios = {u.name: 1.0 for u in analyze(teacher, shape).shrinkable}
+    full, full_spec = make_child(teacher, spec, ratios=ratios)
+    assert torch.equal(kept.eval()(x), expected)
+    assert torch.equal(full.eval()(x), expected)
+    assert arch_hash(kept_spec) == arch_hash(full_spec) == arch_hash(spec)
+    assert torch.equal(teacher(x), expected), "surgery modified the teacher"
+
+
+@pytest.mark.parametrize(("arch", "shape", "kwargs"), ALL)
+def test_random_actions_give_valid_smaller_networks(arch, shape, kwargs):
+    teacher, spec = _model(arch, shape, kwargs)
+    arch_info = analyze(teacher, shape)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    rng = random.Random(0)
+    x = torch.randn(2, *shape)
+    for _ in range(3):
+        remove = [u.name for u in arch_info.removable if rng.random() < 0.5]
+        child, child_spec = make_child(teacher, spec, remove=remove)
+        ratios = {
+            u.name: rng.choice([0.1, 0.3, 0.5, 0.8, 1.0]) for u in analyze(child, shape).shrinkable
+        }
+        student, student_spec = make_child(child, child_spec, ratios=ratios)
+        out = student.eval()(x)
+        assert out.shape == (2, 10) and torch.isfinite(out).all()
+        assert count_params(student) <= count_params(child) <= count_params(teacher)
+        # The spec alone rebuilds the same shapes; the state_dict the same function.
+        rebuilt = build_from_spec(student_spec)
+        rebuilt.load_state_dict(student.state_dict())
+        assert torch.equal(rebuilt.eval()(x), out)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), f"teacher tensor {k} changed"
+
+
+def test_removing_a_basic_block_removes_two_convs_and_two_batchnorms():
+    teacher, spec = _model("resnet18", [3, 16, 16], {"width": 0.5})
+    w = 32  # round(64 * 0.5): the width of stage 1
+    child, _ = make_child(teacher, spec, remove=["layer1.1"])
+    conv, bn = 3 * 3 * w * w, 2 * w
+    assert count_params(teacher) - count_params(child) == 2 * conv + 2 * bn
+    child2, _ = make_child(teacher, spec, remove=["layer1.0", "layer1.1"])
+    assert count_params(teacher) - count_params(child2) == 4 * conv + 4 * bn
+
+
+def test_shrinking_one_plain_conv_matches_closed_form():
+    teacher, spec = _model("small_cnn", [1, 8, 8], {})
+    # features.0 is Conv(1->32) + BN(32); its 32 channels feed features.3, Conv(32->32).
+    child, child_spec = make_child(teacher, spec, ratios={"features.0": 0.25})
+    kept = 8
+    removed = (32 - kept) * (1 * 9) + 2 * (32 - kept) + (32 - kept) * 32 * 9
+    assert count_params(teacher) - count_params(child) == removed
+    assert child_spec["channels"] == {"features.0": kept}
+
+
+def test_residual_coupling_shrinks_a_whole_stage_together():
+    teacher, spec = _model("resnet18", [3, 16, 16], {"width": 0.25})
+    # The stem decides stage 1's residual width: every block's conv2 and BN follow it.
+    child, _ = make_child(teacher, spec, ratios={"conv1": 0.5})
+    assert child.get_submodule("conv1").out_channels == 8
+    for block in ("layer1.0", "layer1.1"):
+        assert child.get_submodule(f"{block}.conv1").in_channels == 8
+        assert child.get_submodule(f"{block}.conv2").out_channels == 8
+        assert child.get_submodule(f"{block}.bn2").num_features == 8
+    assert child.get_submodule("layer2.0.downsample.0").in_channels == 8
+    assert child.get_submodule("layer1.0.conv1").out_channels == 16  # its own group, untouched
+
+
+def test_depthwise_groups_follow_their_pointwise_conv():
+    teacher, spec = _model("dwsep", [3, 16, 16], {"width": 0.5})
+    child, _ = make_child(teacher, spec, ratios={"features.6": 0.5})
+    pw, dw = child.get_submodule("features.6"), child.get_submodule("features.9")
+    assert pw.out_channels == dw.in_channels == dw.out_channels == dw.groups == 16
+    assert child.get_submodule("features.12").in_channels == 16
+
+
+def test_shrinkage_keeps_the_largest_l1_filters_and_their_weights():
+    teacher, spec = _model("small_cnn", [1, 8, 8], {})
+    w = teacher.get_submodule("features.0").weight.detach()
+    top = w.abs().sum(dim=(1, 2, 3)).argsort(descending=True)[:8].sort().values
+    child, _ = make_child(teacher, spec, ratios={"features.0": 0.25})
+    assert torch.equal(child.get_submodule("features.0").weight, w[top])
+    next_w = teacher.get_submodule("features.3").weight.detach()
+    assert torch.equal(child.get_submodule("features.3").weight, next_w[:, top])
+
+
+def test_bn_importance_keeps_the_largest_gammas():
+    teacher, spec = _model("small_cnn", [1, 8, 8], {})
+    gamma = teacher.get_submodule("features.1").weight.detach()
+    top = gamma.abs().argsort(descending=True)[:8].sort().values
+    child, _ = make_child(teacher, spec, ratios={"features.0": 0.25}, importance="bn")
+    assert torch.equal(child.get_submodule("features.1").weight, gamma[top])
+
+
+def test_min_channels_floor():
+    teacher, spec = _model("small_cnn", [1, 8, 8], {})
+    child, _ = make_child(teacher, spec, ratios={"features.0": 0.1}, min_channels=6)
+    assert child.get_submodule("features.0").out_channels == 6
+
+
+def test_removing_a_channel_changing_conv_adapts_the_next_layer():
+    teacher, spec = _model("vgg11", [3, 32, 32], {"width": 0.25})
+    # features.4 is Conv(16->32); the next layer features.8 is Conv(32->64).
+    old = teacher.get_submodule("features.8").weight.detach()
+    child, _ = make_child(teacher, spec, remove=["features.4"])
+    new = child.get_submodule("features.8").weight
+    assert new.shape == (64, 16, 3, 3)
+    kept = old.abs().sum(dim=(0, 2, 3)).argsort(descending=True)[:16].sort().values
+    assert torch.equal(new, old[:, kept])
+    assert child.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+class Narrowing(nn.Module):
+    """A conv that narrows 32 -> 16 channels before a conv that widens to 64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 3, padding=1)
+        self.b = nn.Conv2d(32, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 64, 3, padding=1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_removing_a_narrowing_conv_zero_pads_the_new_inputs():
+    torch.manual_seed(0)
+    model = Narrowing().eval()
+    child = remove_units(model, ["b"], [3, 8, 8])
+    w = child.get_submodule("c").weight
+    assert w.shape == (64, 32, 3, 3)
+    assert torch.equal(w[:, :16], model.c.weight)
+    assert torch.count_nonzero(w[:, 16:]) == 0
+
+
+def test_units_and_reasons_on_resnet18():
+    arch = analyze(build_model({"arch": "resnet18", "kwargs": {"width": 0.25}}), [3, 16, 16])
+    names = [u.name for u in arch.units]
+    assert names == ["conv1"] + [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)] + ["fc"]
+    removable = {u.name for u in arch.removable}
+    assert removable == {"layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"}
+    reasons = {u.name: u.why_not for u in arch.units}
+    assert reasons["conv1"].startswith("stem")
+    assert reasons["layer2.0"].startswith("projection shortcut")
+    assert reasons["fc"].startswith("classifier")
+    assert not arch.unit("fc").shrinkable
+    assert arch.unit("layer2.0").groups == ["layer2.0.conv1", "layer2.0.conv2"]
+    desc = arch.descriptors()
+    assert desc.shape == (10, 18) and desc.dtype.name == "float32"
+    assert desc.min() >= 0.0 and desc.max() <= 1.0
+    assert abs(desc[:, 11].sum() - 1.0) < 0.01  # parameter shares add up to the whole network
+
+
+def test_flops_come_from_torch_counter_and_match_closed_form():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False))
+    assert count_flops(conv, [3, 10, 10]) == 2 * 3 * 8 * 9 * 10 * 10
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.gate = Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.conv(x))
+
+
+class Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return x
+        return -x
+
+
+def test_untraceable_teacher_names_the_module():
+    with pytest.raises(TraceError, match="module 'gate'"):
+        describe(Untraceable(), [1, 8, 8])
+
+
+def test_bad_surgery_requests_fail_clearly():
+    teacher, spec = _model("resnet18", [3, 16, 16], {"width": 0.25})
+    with pytest.raises(ValueError, match=r"'layer2.0' cannot be removed: projection shortcut"):
+        make_child(teacher, spec, remove=["layer2.0"])
+    with pytest.raises(ValueError, match=r"unit 'nope' does not exist"):
+        make_child(teacher, spec, remove=["nope"])
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+            shrink(teacher, {"conv1": bad}, [3, 16, 16])
+    with pytest.raises(ValueError, match="cannot be shrunk: its outputs are the classes"):
+        shrink(teacher, {"fc": 0.5}, [3, 16, 16])
