@@ -1,0 +1,182 @@
+"""Knowledge-distillation child training on real data (scikit-learn digits), no Ray."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from envs.costs import count_params
+from envs.surgery import make_child
+from pipeline.data import load_dataset
+from pipeline.distill import (
+    ChildTimeoutError,
+    DistillConfig,
+    NonFiniteLossError,
+    distill,
+    evaluate_accuracy,
+    kd_loss,
+    l2_loss,
+    measure_latency,
+    teacher_logits,
+)
+from pipeline.teachers import TeacherConfig, load_teacher, train_teacher
+
+REDUCED = {
+    "remove": ["features.6"],
+    "ratios": {
+        "features.0": 0.5,
+        "features.3": 0.5,
+        "features.10": 0.5,
+        "features.13": 0.5,
+        "hidden": 0.5,
+    },
+}
+"""A surgically reduced small_cnn child: one conv layer removed, every other layer halved."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One PyTorch thread: the test machine's two cores are shared with other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def teacher(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    train_teacher(
+        {"arch": "small_cnn", "kwargs": {"width": 0.5}},
+        digits,
+        TeacherConfig(epochs=8),
+        out_dir=out,
+    )
+    return load_teacher(out, digits)
+
+
+@pytest.fixture(scope="module")
+def logits(teacher, digits):
+    return teacher_logits(teacher.model, digits.train[0])
+
+
+def test_kd_loss_matches_its_closed_form():
+    s = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    t = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 0.0]])
+    y = torch.tensor([0, 1])
+    temp, alpha = 2.0, 0.7
+    p_t, log_p_s = F.softmax(t / temp, 1), F.log_softmax(s / temp, 1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(1).mean()
+    ce = -F.log_softmax(s, 1)[torch.arange(2), y].mean()
+    expected = alpha * temp**2 * kl + (1 - alpha) * ce
+    assert kd_loss(s, t, y, temp, alpha).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kd_loss(t, t, y, temp, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert l2_loss(s, t).item() == pytest.approx(((s - t) ** 2).mean().item())
+
+
+def test_config_rejects_bad_values_by_name():
+    with pytest.raises(ValueError, match="unknown distill settings \\['stepz'\\]"):
+        DistillConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="loss 'mse'"):
+        DistillConfig(loss="mse")
+    with pytest.raises(ValueError, match="data_fraction 0"):
+        DistillConfig(data_fraction=0)
+    assert DistillConfig(lr=0.1).fingerprint() != DistillConfig().fingerprint()
+    assert DistillConfig(eval_batch_size=7).fingerprint() == DistillConfig().fingerprint()
+
+
+def test_teacher_logits_are_the_teachers_eval_outputs(teacher, digits, logits):
+    assert logits.shape == (len(digits.train[1]), 10) and logits.dtype == torch.float32
+    with torch.no_grad():
+        direct = teacher.model.eval()(digits.train[0][:50])
+    torch.testing.assert_close(logits[:50], direct)
+    expected = (direct.argmax(1) == digits.train[1][:50]).float().mean().item()
+    assert evaluate_accuracy(
+        teacher.model, digits.train[0][:50], digits.train[1][:50]
+    ) == pytest.approx(expected)
+
+
+def test_kd_lifts_a_surgically_reduced_child_far_above_its_start(teacher, digits, logits):
+    child, _ = make_child(teacher.model, teacher.spec, **REDUCED)
+    assert count_params(child) < count_params(teacher.model) / 4
+    result = distill(child, *digits.train, logits, *digits.val, DistillConfig(steps=80, lr=0.05))
+    assert result.initial_accuracy < 0.5  # surgery alone wrecks it
+    assert result.accuracy > 0.85
+    assert result.accuracy - result.initial_accuracy > 0.4
+    assert result.steps == 80 and math.isfinite(result.final_loss)
+
+
+def test_l2_loss_also_trains_the_child(teacher, digits, logits):
+    child, _ = make_child(teacher.model, teacher.spec, **REDUCED)
+    result = distill(
+        child, *digits.train, logits, *digits.val, DistillConfig(loss="l2", steps=80, lr=0.05)
+    )
+    assert result.accuracy > result.initial_accuracy + 0.4
+
+
+def test_ratio_one_child_keeps_the_teachers_accuracy(teacher, digits, logits):
+    child, spec = make_child(teacher.model, teacher.spec, ratios={"features.0": 1.0, "hidden": 1.0})
+    assert spec["removed"] == [] and spec["channels"] == {}
+    teacher_acc = evaluate_accuracy(teacher.model, *digits.val)
+    result = distill(child, *digits.train, logits, *digits.val, DistillConfig(steps=40))
+    assert result.initial_accuracy == pytest.approx(teacher_acc)
+    assert abs(result.accuracy - teacher_acc) <= 0.03
+
+
+def test_same_seed_same_child_and_recomputed_teacher_matches_cache(teacher, digits, logits):
+    cfg = DistillConfig(steps=15, data_fraction=0.5, seed=3, measure_initial=False)
+    a, _ = make_child(teacher.model, teacher.spec, **REDUCED)
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    ra = distill(a, *digits.train, logits, *digits.val, cfg)
+    rb = distill(b, *digits.train, logits, *digits.val, cfg)
+    rc = distill(c, *digits.train, None, *digits.val, cfg, teacher=teacher.model)
+    assert ra.accuracy == rb.accuracy and ra.final_loss == rb.final_loss
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert rc.accuracy == pytest.approx(ra.accuracy, abs=0.01)
+    assert rc.final_loss == pytest.approx(ra.final_loss, rel=1e-3)
+    assert ra.train_examples == round(len(digits.train[1]) * 0.5)
+
+
+def test_diverging_child_raises_a_clear_error(teacher, digits, logits):
+    child, _ = make_child(teacher.model, teacher.spec, **REDUCED)
+    with torch.no_grad():
+        child.get_submodule("features.0").weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 1"):
+        distill(child, *digits.train, logits, *digits.val, DistillConfig(steps=5))
+
+
+def test_deadline_stops_training(teacher, digits, logits):
+    child, _ = make_child(teacher.model, teacher.spec, **REDUCED)
+    with pytest.raises(ChildTimeoutError, match="deadline"):
+        distill(
+            child,
+            *digits.train,
+            logits,
+            *digits.val,
+            DistillConfig(steps=10**6),
+            deadline=time.perf_counter() + 0.3,
+        )
+
+
+def test_child_with_wrong_outputs_is_rejected(digits, logits):
+    wrong = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with pytest.raises(ValueError, match=r"student outputs shape \(128, 3\).*\(128, 10\)"):
+        distill(wrong, *digits.train, logits, *digits.val, DistillConfig(steps=2))
+
+
+def test_latency_is_measured_per_batch_size(teacher):
+    timings = measure_latency(teacher.model, (1, 8, 8), batch_sizes=(1, 32), repeats=3)
+    assert set(timings) == {1, 32}
+    assert all(0 < t < 5 for t in timings.values())
