@@ -69,6 +69,7 @@ class RewardCache:
             self.hits += 1
             return HIT, result
         if key in self._pending:
+            self.hits += 1
             self.joined += 1
             return PENDING, self._pending[key]
         return MISS, None
@@ -143,4 +144,6 @@ def get_or_create_cache(name: str, path: str | Path | None = None) -> Any:
     import ray
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=1)(RewardCache)
-    return actor_cls.options(name=name, get_if_exists=True).remote(str(path) if path else None)
+    return actor_cls.options(name=name, get_if_exists=True, scheduling_strategy="DEFAULT").remote(
+        str(path) if path else None
+    )

@@ -269,7 +269,9 @@ class KDEvaluator:
 
         for i, child in enumerate(children):
             key = self._key(child)
-            if key in waiting:
+            if key in waiting:  # a duplicate within the batch: counted as a hit, trained once
+                if cache is not None:
+                    self._cache_call(cache, "lookup", key)
                 waiting[key].append(i)
                 continue
             if cache is not None:
@@ -409,6 +411,7 @@ class KDEvaluator:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_cache_handle"] = None  # reconnect by name in the receiving process
+        state["tasks_submitted"] = 0  # counts what each copy starts
         if isinstance(self.teacher, nn.Module) and self.prepared and not self.local:
             state["teacher"] = None  # logits and accuracy already carry what children need
         return state
