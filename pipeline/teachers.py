@@ -88,9 +88,8 @@ def teacher_base_spec(arch_spec: str | dict[str, Any], splits: Splits) -> dict[s
                 f"{splits.name!r} has {value}; drop the setting or use another dataset"
             )
         kwargs[key] = value
-    accepted = inspect.signature(resolve_arch(base["arch"])).parameters
-    if "image_size" in accepted and "image_size" not in kwargs:  # VGG pools only while it can
-        kwargs["image_size"] = height
+    if "image_size" not in kwargs and _accepts_image_size(base["arch"], kwargs, height):
+        kwargs["image_size"] = height  # VGG pools only while the feature map is > 1 pixel
     shape = list(splits.input_shape)
     if base.get("input_shape") not in (None, shape):
         raise ValueError(
@@ -98,6 +97,20 @@ def teacher_base_spec(arch_spec: str | dict[str, Any], splits: Splits) -> dict[s
             f"{splits.name!r} images {shape}"
         )
     return {"arch": base["arch"], "kwargs": kwargs, "input_shape": shape}
+
+
+def _accepts_image_size(arch: str, kwargs: dict[str, Any], height: int) -> bool:
+    """Whether the builder takes ``image_size`` (zoo VGGs do, behind ``**kwargs``)."""
+    params = inspect.signature(resolve_arch(arch)).parameters
+    if "image_size" in params:
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return False
+    try:  # the signature hides it: ask the builder itself
+        build_model({"arch": arch, "kwargs": {**kwargs, "image_size": height}})
+    except ValueError:
+        return False
+    return True
 
 
 def train_teacher(
