@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESET_DIRS = (
     Path(__file__).resolve().parent.parent / "configs",
@@ -39,15 +39,13 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """The dataset children are trained and scored on."""
+    """The dataset children are trained and scored on (see ``pipeline.data.load_dataset``)."""
 
-    name: str = Field(
-        "digits",
-        description="Dataset: digits, fashion-mnist, mnist, cifar10, cifar100, svhn or imagefolder.",
-    )
+    name: Literal[
+        "digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder"
+    ] = Field("digits", description="Dataset name.")
     root: str | None = Field(
-        None,
-        description="Folder holding the dataset files; None uses the dataset's default location.",
+        None, description="Folder holding the dataset; None uses the dataset's default location."
     )
     download: bool = Field(
         False, description="Let torchvision download a missing dataset into root (never implicit)."
@@ -55,12 +53,19 @@ class DataConfig(_Section):
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of the training set held out to score rewards."
     )
-    batch_size: PositiveInt = Field(
-        128, description="Mini-batch size for teacher and child training."
+    max_train: PositiveInt | None = Field(
+        None, description="Use at most this many training images (quick runs)."
     )
-    train_fraction: Fraction = Field(
-        1.0, description="Share of the training split a child's KD run may draw from."
+    max_eval: PositiveInt | None = Field(
+        None, description="Use at most this many validation and test images each."
     )
+    image_size: PositiveInt = Field(
+        32, description="Side length images are resized to (imagefolder only)."
+    )
+
+    def as_kwargs(self, seed: int) -> dict[str, Any]:
+        """Keyword arguments of ``pipeline.data.load_dataset``."""
+        return {**self.model_dump(), "seed": seed}
 
 
 class TeacherConfig(_Section):
@@ -74,11 +79,24 @@ class TeacherConfig(_Section):
     )
     width: float = Field(1.0, gt=0, le=4, description="Channel width multiplier of the zoo model.")
     epochs: PositiveInt = Field(10, description="Training epochs for a teacher trained on the fly.")
-    lr: float = Field(0.05, gt=0, description="Learning rate for teacher training.")
+    batch_size: PositiveInt = Field(128, description="Teacher mini-batch size.")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Teacher optimizer.")
+    lr: float = Field(
+        0.05, gt=0, description="Peak learning rate of the teacher's one-cycle schedule."
+    )
+    weight_decay: float = Field(5e-4, ge=0, description="Teacher weight decay.")
+    augment: Literal["none", "shift", "shift+flip"] = Field(
+        "none", description="Teacher training augmentation."
+    )
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
+
+    def arch_spec(self) -> dict[str, Any]:
+        """The zoo architecture spec (classes and channels are filled in from the dataset)."""
+        return {"arch": self.arch, "kwargs": {"width": self.width}}
 
 
 class DistillConfig(_Section):
-    """Knowledge-distillation budget for each child during the search."""
+    """Knowledge-distillation budget for each child during the search (``pipeline.distill``)."""
 
     loss: Literal["kd", "l2"] = Field(
         "kd", description="Hinton KD + cross-entropy ('kd') or N2N's L2 on logits ('l2')."
@@ -88,11 +106,23 @@ class DistillConfig(_Section):
         0.9, ge=0, le=1, description="Weight of the KD term against cross-entropy."
     )
     steps: PositiveInt = Field(100, description="Optimizer steps per child.")
-    lr: float = Field(0.01, gt=0, description="Child learning rate.")
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Child optimizer.")
-    timeout_s: float = Field(
-        1800.0, gt=0, description="A child running longer fails with reward -1."
+    batch_size: PositiveInt = Field(128, description="Child mini-batch size.")
+    data_fraction: Fraction = Field(
+        1.0, description="Share of the training split a child draws its batches from."
     )
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Child optimizer.")
+    lr: float = Field(0.01, gt=0, description="Child learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="Child weight decay.")
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
+    timeout_s: float = Field(
+        1800.0, gt=0, description="A child training longer fails with reward -1."
+    )
+
+    def as_kwargs(self, seed: int, **overrides: Any) -> dict[str, Any]:
+        """Fields of ``pipeline.distill.DistillConfig``."""
+        values = self.model_dump(exclude={"timeout_s"})
+        return {**values, "seed": seed, **overrides}
 
 
 class RewardConfig(_Section):
@@ -284,6 +314,14 @@ class RunConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
+    @model_validator(mode="after")
+    def _some_stage(self) -> RunConfig:
+        if not (self.removal.enabled or self.shrinkage.enabled):
+            raise ValueError(
+                "removal.enabled and shrinkage.enabled are both false: enable at least one stage"
+            )
+        return self
+
     def stage(self, name: str) -> StageConfig:
         """The ``removal`` or ``shrinkage`` section."""
         return {"removal": self.removal, "shrinkage": self.shrinkage}[name]
@@ -384,13 +422,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 
 def _error_line(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    key = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        line = (
-            f"config key {key!r} is unknown: check its spelling (n2n run --help lists the sections)"
-        )
+        line = f"config key {key!r} is unknown: check its spelling (n2n run --help lists the common flags)"
+    elif not key:
+        line = f"config: {message}"
     else:
-        line = f"config key {key!r}: {first['msg']} (got {first.get('input')!r})"
+        got = repr(first.get("input"))
+        line = f"config key {key!r}: {message} (got {got if len(got) <= 60 else got[:57] + '...'})"
     more = len(err.errors()) - 1
     return line + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
 

@@ -1,0 +1,7 @@
+"""``python -m pipeline``: the same as the ``n2n`` console script."""
+
+import sys
+
+from pipeline.cli import main
+
+sys.exit(main())
