@@ -51,6 +51,13 @@ def example_batch(
     return torch.randn(batch, *input_shape, generator=generator)
 
 
+def requirements() -> list[str]:
+    """Pinned pip requirements of a logged student (inferring them costs MLflow seconds)."""
+    import mlflow
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+
+
 def tensor_signature(model: nn.Module, example: torch.Tensor) -> ModelSignature:
     """The MLflow signature: float32 images ``[-1, C, H, W]`` in, float32 logits ``[-1, K]`` out."""
     with torch.no_grad():

@@ -29,15 +29,8 @@ from envs.models import SmallCNN
 from envs.spec import base_spec, save_checkpoint, teacher_spec
 from pipeline import plots
 from pipeline.data import load_dataset
-from pipeline.tracking import (
-    CHAMPION_ALIAS,
-    DEFAULT_TRACKING_URI,
-    RetryPolicy,
-    Tracker,
-    flatten_config,
-    redact,
-    scrub,
-)
+from pipeline.redaction import flatten_config, redact, scrub
+from pipeline.tracking import CHAMPION_ALIAS, DEFAULT_TRACKING_URI, RetryPolicy, Tracker
 
 SECRET = "hunter2-S3CR3T"
 REGISTRY_NAME = "n2n-digits-student"
@@ -388,7 +381,7 @@ def test_server_restart_mid_run_loses_no_child_record(tmp_path, monkeypatch, cap
             restarter = threading.Thread(target=server.start)
             restarter.start()
             # Down while the server restarts: retried with backoff until it answers.
-            tracker.retry = RetryPolicy(attempts=15, first_delay_s=0.5, max_delay_s=2.0)
+            tracker.outbox.policy = RetryPolicy(attempts=15, first_delay_s=0.5, max_delay_s=2.0)
             tracker.log_children(records[10:])
             restarter.join()
             assert "retry 1 of 14" in caplog.text
@@ -409,3 +402,43 @@ def test_server_restart_mid_run_loses_no_child_record(tmp_path, monkeypatch, cap
         if restarter is not None:
             restarter.join()
         server.stop()
+
+
+@pytest.mark.timeout(180)
+def test_tune_trials_nest_under_their_stage_run_with_a_redacted_config(
+    server, ray_cluster, tmp_path
+):
+    from ray import tune
+
+    def trainable(config):
+        for i in range(3):
+            tune.report({"episode_return_mean": config["x"] * i})
+
+    tracker = Tracker(server.url, experiment="tune")
+    tracker.start({"name": "tune"}, {"params": 1}, dataset="digits")
+    with tracker.stage("removal"):
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"x": 2.0, "env_config": {"api_key": SECRET, "units": 4}},
+            run_config=tune.RunConfig(
+                name="trial", storage_path=str(tmp_path), verbose=0,
+                callbacks=[tracker.tune_callback("removal")],
+            ),
+        )  # fmt: skip
+        results = tuner.fit()
+    tracker.close()
+    assert not results.errors
+
+    client = tracker.client
+    stage = client.search_runs(
+        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker.run_id}'"
+    )
+    assert [r.data.tags["n2n.stage"] for r in stage] == ["removal"]
+    trials = client.search_runs(
+        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{stage[0].info.run_id}'"
+    )
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
+    params = trials[0].data.params
+    assert params["env_config/api_key"] == "***" and params["env_config/units"] == "4"
+    history = client.get_metric_history(trials[0].info.run_id, "episode_return_mean")
+    assert sorted(m.value for m in history) == [0.0, 2.0, 4.0]

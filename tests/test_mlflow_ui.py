@@ -1,0 +1,90 @@
+"""The MLflow UI, opened by a real headless Chromium, shows the student n2n registered.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` packages and the ``selenium`` bindings
+(which use the given chromedriver: nothing is downloaded). The screenshot is kept under
+``test-artifacts/`` for a person to look at.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow_server import MlflowServer
+
+from envs.models import SmallCNN
+from envs.spec import base_spec, teacher_spec
+from pipeline.tracking import CHAMPION_ALIAS, Tracker
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+MODEL_NAME = "n2n-ui-student"
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (test extra)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Debian's chromium and chromium-driver are not installed "
+    "(apt-get install -y chromium chromium-driver)",
+)
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A server holding one run whose (untrained, tiny) student is registered as @champion."""
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        shape = [1, 8, 8]
+        spec = teacher_spec(
+            base_spec("small_cnn", shape, num_classes=10, in_channels=1, width=0.125)
+        )
+        torch.manual_seed(0)
+        student = SmallCNN(num_classes=10, in_channels=1, width=0.125)
+        summary = {"student": {"params": 1234, "test_accuracy": 0.5}, "compression_ratio": 4.0}
+        with Tracker(server.url, experiment="ui", registry_name=MODEL_NAME) as tracker:
+            tracker.check_reachable()
+            tracker.start({"name": "ui"}, {"arch": "small_cnn", "params": 4936}, dataset="digits")
+            info = tracker.finish(tmp_path_factory.mktemp("run"), student, spec, summary)
+        yield server, info
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--window-size=1600,1000", f"--user-data-dir={tmp_path / 'profile'}",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.timeout(240)
+def test_model_page_shows_the_registered_student_and_its_champion_alias(registered, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, info = registered
+    browser.get(f"{server.url}/#/models/{MODEL_NAME}")
+    WebDriverWait(browser, 90, poll_frequency=0.5).until(
+        lambda d: CHAMPION_ALIAS in d.find_element(By.TAG_NAME, "body").text
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "mlflow_model_page.png"
+    assert browser.save_screenshot(str(shot))
+    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000
+
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert MODEL_NAME in body
+    # The alias sits in the row of the version the tracker registered, not elsewhere on the page.
+    link = browser.find_element(By.XPATH, f"//a[normalize-space()='Version {info.version}']")
+    row = link.find_element(By.XPATH, f"./ancestor::*[contains(., '{CHAMPION_ALIAS}')][1]")
+    assert CHAMPION_ALIAS in row.text and "Registered at" not in row.text
+    assert "dataset" in row.text and "digits" in row.text
