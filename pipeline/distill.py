@@ -76,8 +76,9 @@ class DistillConfig:
     """Mixed precision (bfloat16, or float16 with loss scaling) when on CUDA; ignored on CPU."""
     channels_last: bool = True
     """Channels-last memory format when on CUDA; ignored on CPU."""
-    measure_initial: bool = True
-    """Also score the child before training (recorded as ``initial_accuracy``)."""
+    measure_initial: bool = False
+    """Also score the child before training (recorded as ``initial_accuracy``): a diagnostic
+    that costs one more pass over the validation data, so off by default."""
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:

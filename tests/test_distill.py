@@ -110,7 +110,13 @@ def test_teacher_logits_are_the_teachers_eval_outputs(teacher, digits, logits):
 def test_kd_lifts_a_surgically_reduced_child_far_above_its_start(teacher, digits, logits):
     child, _ = make_child(teacher.model, teacher.spec, **REDUCED)
     assert count_params(child) < count_params(teacher.model) / 4
-    result = distill(child, *digits.train, logits, *digits.val, DistillConfig(steps=80, lr=0.05))
+    result = distill(
+        child,
+        *digits.train,
+        logits,
+        *digits.val,
+        DistillConfig(steps=80, lr=0.05, measure_initial=True),
+    )
     assert result.initial_accuracy < 0.5  # surgery alone wrecks it
     assert result.accuracy > 0.85
     assert result.accuracy - result.initial_accuracy > 0.4
@@ -120,7 +126,11 @@ def test_kd_lifts_a_surgically_reduced_child_far_above_its_start(teacher, digits
 def test_l2_loss_also_trains_the_child(teacher, digits, logits):
     child, _ = make_child(teacher.model, teacher.spec, **REDUCED)
     result = distill(
-        child, *digits.train, logits, *digits.val, DistillConfig(loss="l2", steps=80, lr=0.05)
+        child,
+        *digits.train,
+        logits,
+        *digits.val,
+        DistillConfig(loss="l2", steps=80, lr=0.05, measure_initial=True),
     )
     assert result.accuracy > result.initial_accuracy + 0.4
 
@@ -129,13 +139,15 @@ def test_ratio_one_child_keeps_the_teachers_accuracy(teacher, digits, logits):
     child, spec = make_child(teacher.model, teacher.spec, ratios={"features.0": 1.0, "hidden": 1.0})
     assert spec["removed"] == [] and spec["channels"] == {}
     teacher_acc = evaluate_accuracy(teacher.model, *digits.val)
-    result = distill(child, *digits.train, logits, *digits.val, DistillConfig(steps=40))
+    result = distill(
+        child, *digits.train, logits, *digits.val, DistillConfig(steps=40, measure_initial=True)
+    )
     assert result.initial_accuracy == pytest.approx(teacher_acc)
     assert abs(result.accuracy - teacher_acc) <= 0.03
 
 
 def test_same_seed_same_child_and_recomputed_teacher_matches_cache(teacher, digits, logits):
-    cfg = DistillConfig(steps=15, data_fraction=0.5, seed=3, measure_initial=False)
+    cfg = DistillConfig(steps=15, data_fraction=0.5, seed=3)
     a, _ = make_child(teacher.model, teacher.spec, **REDUCED)
     b, c = copy.deepcopy(a), copy.deepcopy(a)
     ra = distill(a, *digits.train, logits, *digits.val, cfg)
