@@ -80,7 +80,7 @@ def pareto_figure(
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy vs parameters (children: validation after KD; others: test)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
 

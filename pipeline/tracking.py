@@ -457,7 +457,13 @@ class Tracker:
             )
 
     def _students(self, summary: Mapping[str, Any]) -> list[dict[str, Any]]:
-        return [dict(s) for s in summary.get("students") or [summary.get("student", {})]]
+        """The final students (all ranks, else the best one), each with a display ``name``."""
+        students = [dict(s) for s in summary.get("students") or [summary.get("student", {})]]
+        for i, s in enumerate(students, 1):
+            s["name"] = s.get("name") or f"student {s.get('rank', i)}" + (
+                " (best)" if s.get("best") else ""
+            )
+        return students
 
     def _log_results(self, summary: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
         student = summary.get("student", {})
@@ -473,7 +479,7 @@ class Tracker:
         for obj, path in ((dict(summary), "summary.json"), (dict(spec), "student/spec.json")):
             self._call(lambda o=obj, p=path: self.client.log_dict(self.run_id, o, p), f"log {path}")
         rows = [{"name": "teacher", **summary.get("teacher", {})}]
-        rows += [{"name": f"student {i}", **s} for i, s in enumerate(self._students(summary), 1)]
+        rows += self._students(summary)
         rows += [dict(b) for b in summary.get("baselines", [])]
         rows = [{k: _cell(v) for k, v in row.items()} for row in rows]
         self._call(lambda: self._log_table(rows, "results.json"), "log results.json")
@@ -482,8 +488,8 @@ class Tracker:
         teacher = {**self._teacher, **summary.get("teacher", {})}
         teacher["accuracy"] = _accuracy(teacher)
         students = [
-            {"name": s.get("name", f"#{i}"), "params": s.get("params"), "accuracy": _accuracy(s)}
-            for i, s in enumerate(self._students(summary), 1)
+            {"name": s["name"], "params": s.get("params"), "accuracy": _accuracy(s)}
+            for s in self._students(summary)
         ]
         baselines = [{**b, "accuracy": _accuracy(b)} for b in summary.get("baselines", [])]
         figures = {
@@ -491,8 +497,8 @@ class Tracker:
         }
         for st in self._stages.values():
             if st.iterations:
-                figures[f"plots/reward_{st.name}.png"] = plots.reward_curve_figure(
-                    st.name, st.iterations
+                figures[f"plots/reward_{st.name.replace('/', '_')}.png"] = (
+                    plots.reward_curve_figure(st.name, st.iterations)
                 )
         for path, fig in figures.items():
             self._call(

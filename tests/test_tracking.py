@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -33,6 +34,7 @@ from pipeline.redaction import flatten_config, redact, scrub
 from pipeline.tracking import CHAMPION_ALIAS, DEFAULT_TRACKING_URI, RetryPolicy, Tracker
 
 SECRET = "hunter2-S3CR3T"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 REGISTRY_NAME = "n2n-digits-student"
 
 
@@ -129,9 +131,14 @@ def tiny_run(server, digits, tmp_path_factory):
     (run_dir / "config.yaml").write_text(f"secret: {SECRET}\n")  # must never be uploaded
     save_checkpoint(run_dir / "best", student, spec, {"test_accuracy": student_acc})
     (run_dir / "children.csv").write_text("stage,episode\nremoval,0\n")
+    best = {**s_costs.as_dict(), "test_accuracy": student_acc, "arch_hash": "abc123"}
     summary = {
         "teacher": teacher_facts,
-        "student": {**s_costs.as_dict(), "test_accuracy": student_acc, "arch_hash": "abc123"},
+        "student": best,
+        "students": [
+            {"rank": 1, "best": True, **best},
+            {"rank": 2, "params": 3000, "test_accuracy": student_acc - 0.1},
+        ],
         "compression_ratio": t_costs.params / s_costs.params,
         "baselines": [{"name": "uniform 50%", "params": 7000, "test_accuracy": 0.8}],
     }
@@ -261,7 +268,9 @@ def test_artifacts_plots_results_summary_and_spec(tiny_run, tmp_path):
     assert summary["student"]["test_accuracy"] == pytest.approx(tiny_run["student_acc"])
     results = json.loads((local / "results.json").read_text())
     names = [row[results["columns"].index("name")] for row in results["data"]]
-    assert names == ["teacher", "student 1", "uniform 50%"]
+    assert names == ["teacher", "student 1 (best)", "student 2", "uniform 50%"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(local / "plots" / "pareto.png", ARTIFACTS / "pareto.png")
     assert (local / "run" / "summary.json").is_file() and (
         local / "run" / "best" / "spec.json"
     ).is_file()
