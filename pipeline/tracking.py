@@ -150,6 +150,9 @@ class Tracker:
             )
         self.uri = resolve_tracking_uri(tracking_uri)
         self.safe_uri = scrub_url(self.uri)
+        if self.safe_uri != self.uri:
+            # MLflow prints run links built from the URI to stdout, password included.
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.experiment = experiment
         self.registry_name = registry_name
         self.outbox = Outbox(retry or RetryPolicy())

@@ -207,6 +207,21 @@ def test_secrets_never_reach_params_tags_or_artifacts(tiny_run, tmp_path):
     assert not (local / "run" / "config.yaml").exists()
 
 
+def test_a_password_in_the_tracking_uri_is_never_printed(server, capfd, caplog, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
+    caplog.set_level(logging.DEBUG, logger="pipeline")
+    uri = server.url.replace("http://", f"http://n2n:{SECRET}@")
+    with Tracker(uri, experiment="creds") as tracker:
+        tracker.check_reachable()
+        tracker.start({"name": "creds", "tracking": {"uri": uri}}, {"params": 1}, dataset="digits")
+        with tracker.stage("removal"):
+            tracker.log_children([child_record("removal", 0, 100)])
+    out, err = capfd.readouterr()
+    assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert SECRET not in out + err + caplog.text
+    assert f"n2n:***@127.0.0.1:{server.port}" in caplog.text
+
+
 def test_nested_stage_runs_log_iterations_as_steps(tiny_run):
     client, run_id = tiny_run["client"], tiny_run["run_id"]
     parent = client.get_run(run_id)
