@@ -324,9 +324,13 @@ def distill(
         cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * batches_per_epoch))
     )
 
-    # Gather the child's subset once; on CUDA it moves to the device in one copy.
-    xs, ys = train_x[subset].to(device), train_y[subset].to(device)
-    ts = teacher_logits[subset].to(device) if teacher_logits is not None else None
+    # Gather the child's subset once (no copy when it is everything); on CUDA it moves to the
+    # device in one copy.
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        return (t if n_used == n else t[subset]).to(device)
+
+    xs, ys = gather(train_x), gather(train_y)
+    ts = gather(teacher_logits) if teacher_logits is not None else None
 
     initial = (
         evaluate_accuracy(student, val_x, val_y, cfg.eval_batch_size)

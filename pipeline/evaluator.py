@@ -107,7 +107,7 @@ class KDEvaluator:
             raise ValueError(
                 "KDEvaluator needs teacher= (a checkpoint folder or a network) to distill from"
             )
-        if isinstance(teacher, str | Path) and not Path(teacher).is_dir():
+        if payload is None and isinstance(teacher, str | Path) and not Path(teacher).is_dir():
             raise ValueError(
                 f"teacher checkpoint {teacher} is not a folder; train one with 'n2n teacher'"
             )
@@ -304,11 +304,11 @@ class KDEvaluator:
 
         for key, result in self._collect({k: r for k, (r, _) in refs.items()}, started).items():
             ours = refs[key][1]
-            if cache is not None and ours:
-                if result.extra.get(_NOT_CACHEABLE):
-                    self._cache_call(cache, "release", key)
-                else:
-                    self._cache_call(cache, "put", key, result.as_dict())
+            if cache is not None and result.extra.get(_NOT_CACHEABLE):
+                # not worth keeping; a joined evaluation may also have lost its owner for good
+                self._cache_call(cache, "release", key)
+            elif cache is not None and ours:
+                self._cache_call(cache, "put", key, result.as_dict())
             for n, i in enumerate(waiting[key]):
                 shared = n > 0 or not ours
                 results[i] = _copy_result(result, cache_hit=shared)
@@ -354,7 +354,10 @@ class KDEvaluator:
             ready, remaining = ray.wait(remaining, num_returns=1, timeout=timeout)
             if not ready:  # the hard timeout passed for everything still running
                 for ref in remaining:
-                    ray.cancel(ref, force=True)
+                    try:
+                        ray.cancel(ref, force=True)
+                    except Exception:  # a joined task belongs to another process
+                        logger.debug("could not cancel %s", ref, exc_info=True)
                     out[by_ref[ref]] = ChildResult(
                         error=(
                             f"ChildTimeoutError: no result {self.hard_timeout_s:.0f} s after submission "

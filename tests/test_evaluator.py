@@ -163,6 +163,44 @@ def test_cache_prevents_second_training_of_an_architecture(evaluator, teacher):
     assert stats["misses"] == before_stats["misses"] + 2
 
 
+class EnvRunnerLike:
+    """Holds its own copy of an evaluator, as each RLlib env runner does."""
+
+    def __init__(self, config: dict) -> None:
+        self.evaluator = load_evaluator("pipeline.evaluator:KDEvaluator", config)
+
+    def evaluate(self, child: Child) -> tuple:
+        result = self.evaluator.evaluate(child)
+        return result, self.evaluator.tasks_submitted
+
+
+def test_a_second_runner_waits_for_a_training_in_flight(ray_cluster, teacher_dir, teacher):
+    import time
+
+    # long enough (a few seconds) that the second runner asks while the first one trains
+    shared = KDEvaluator(
+        teacher=teacher_dir, distill={"steps": 200}, cache_name=f"test-{uuid.uuid4().hex}"
+    )
+    runner = ray_cluster.remote(num_cpus=0)(EnvRunnerLike)
+    try:
+        first, second = runner.remote(shared.config()), runner.remote(shared.config())
+        a = first.evaluate.remote(surgery(teacher, **REDUCED))
+        deadline = time.monotonic() + 60
+        while shared.cache_stats()["pending"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        b = second.evaluate.remote(surgery(teacher, **REDUCED))
+        (result_a, tasks_a), (result_b, tasks_b) = ray_cluster.get([a, b])
+        assert (tasks_a, tasks_b) == (1, 0)  # one training for two runners
+        assert (
+            result_a.error is None and result_b.accuracy == result_a.accuracy and result_b.cache_hit
+        )
+        assert shared.cache_stats() == {
+            "hits": 1, "misses": 1, "joined": 1, "size": 1, "pending": 0, "path": None
+        }  # fmt: skip
+    finally:
+        shared.close()
+
+
 def test_sqlite_cache_is_reused_by_a_new_run(ray_cluster, teacher_dir, teacher, tmp_path):
     path = tmp_path / "run" / "cache.sqlite"
     settings = {"teacher": teacher_dir, "distill": {"steps": 5}, "cache_path": path}
