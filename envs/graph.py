@@ -226,15 +226,19 @@ def trace(model: nn.Module) -> fx.GraphModule:
 class _ShapeFlopProp(fx.Interpreter):
     """Runs the graph once, recording every node's output shape and FLOPs."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, count_flops: bool = True) -> None:
         super().__init__(gm)
+        self.count_flops = count_flops
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.flops: dict[str, int] = {}
 
     def run_node(self, n: fx.Node) -> Any:
-        with FlopCounterMode(display=False) as counter:
+        if not self.count_flops:
             result = super().run_node(n)
-        self.flops[n.name] = int(counter.get_total_flops())
+        else:
+            with FlopCounterMode(display=False) as counter:
+                result = super().run_node(n)
+            self.flops[n.name] = int(counter.get_total_flops())
         if isinstance(result, torch.Tensor):
             self.shapes[n.name] = tuple(result.shape)
         return result
@@ -271,15 +275,19 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if a.op != "get_attr"]
 
 
-def describe(model: nn.Module, input_shape: Sequence[int]) -> Architecture:
+def describe(
+    model: nn.Module, input_shape: Sequence[int], count_flops: bool = True
+) -> Architecture:
     """Traces ``model`` and splits it into units (see module docstring).
+
+    ``count_flops=False`` skips the per-unit FLOP counts (then zero), which surgery does not need.
 
     Raises:
         TraceError: ``torch.fx`` cannot trace the model.
     """
     gm = trace(model)
     modules = dict(gm.named_modules())
-    prop = _ShapeFlopProp(gm)
+    prop = _ShapeFlopProp(gm, count_flops)
     was_training = [m.training for m in gm.modules()]
     gm.eval()
     try:

@@ -80,7 +80,7 @@ def remove_units(model: nn.Module, names: Iterable[str], input_shape: Sequence[i
     gm = copy.deepcopy(trace(model))
     if not names:
         return gm
-    arch = describe(gm, input_shape)
+    arch = describe(gm, input_shape, count_flops=False)
     units = {u.name: u for u in arch.units}
     for name in names:
         if name not in units:
@@ -266,7 +266,7 @@ def shrink(
         ValueError: an unknown or unshrinkable unit, or a ratio outside (0, 1].
     """
     gm = copy.deepcopy(trace(model))
-    arch = describe(gm, input_shape)
+    arch = describe(gm, input_shape, count_flops=False)
     units = {u.name: u for u in arch.units}
     for name, ratio in ratios.items():
         validate_ratio(ratio, f"keep-ratio for unit {name!r}")
@@ -312,7 +312,7 @@ def set_channels(
     Used to rebuild a student's shapes from its spec; the weights are loaded afterwards.
     """
     gm = copy.deepcopy(trace(model))
-    arch = describe(gm, input_shape)
+    arch = describe(gm, input_shape, count_flops=False)
     dg = _dependency_graph(gm, input_shape)
     groups = {g.owner: g for g in channel_groups(gm, arch, dg)}
     for owner, n in channels.items():
@@ -386,7 +386,10 @@ def _unshrunk_channels(spec_json: str) -> dict[str, int]:
 def current_channels(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """Output channels of every coupled group, keyed by owner: the spec's ``channels``."""
     gm = trace(model)
-    return {g.owner: g.channels for g in channel_groups(gm, describe(gm, input_shape))}
+    return {
+        g.owner: g.channels
+        for g in channel_groups(gm, describe(gm, input_shape, count_flops=False))
+    }
 
 
 def apply_spec(base_model: nn.Module, spec: dict[str, Any]) -> nn.Module:
