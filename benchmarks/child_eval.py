@@ -145,6 +145,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset = {"name": "fashion-mnist", "max_train": cfg.max_train}
     splits = load_dataset(**dataset)
     load_before = os.getloadavg()
+    if load_before[0] > 0.5 * (os.cpu_count() or 1):
+        logger.warning(
+            "load average %.1f: other processes are using the CPU, so the ratios will be disturbed",
+            load_before[0],
+        )
     if cfg.teacher:
         teacher_dir = Path(cfg.teacher)
     else:
@@ -201,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         k: [] for k in ("env", "bare", "cached", "recompute", "one", "two")
     }
     loop_only: dict[str, list[float]] = {"cached": [], "recompute": []}
+    inside_task: dict[str, list[list[float]]] = {"one": [], "two": []}
     accuracy: dict[str, float] = {}
     x, y = splits.train
     for r in range(cfg.repeats):
@@ -222,10 +228,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loop_only[name].append(res.train_time_s)
             accuracy[name] = res.accuracy
         # 3. one child vs two at once, as Ray tasks
-        t, _ = timed(evaluator.evaluate_many, children(f"one{r}", 1))
+        t, results = timed(evaluator.evaluate_many, children(f"one{r}", 1))
         samples["one"].append(t)
+        inside_task["one"].append([res.wall_time_s for res in results])
         t, results = timed(evaluator.evaluate_many, children(f"two{r}", 2))
         samples["two"].append(t)
+        inside_task["two"].append([res.wall_time_s for res in results])
         if any(res.error for res in results):
             raise SystemExit(f"a concurrent child failed: {[res.error for res in results]}")
     ray.shutdown()
@@ -286,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "one_time": {"evaluator_prepare_s": prepare_time, "first_child_s": warm_time},
         "seconds": samples,
         "training_loop_seconds": loop_only,
+        "concurrency_task_seconds": inside_task,
         "best_seconds": best,
         "child_accuracy": accuracy,
         "ratios": ratios,

@@ -298,10 +298,19 @@ def test_lost_worker_is_retried_but_a_raising_child_is_not(ray_cluster, teacher_
 
 
 def test_local_mode_needs_no_cluster(teacher_dir, teacher):
-    ev = KDEvaluator(teacher=teacher_dir, distill={"steps": 10}, local=True)
+    ev = KDEvaluator(
+        teacher=teacher_dir,
+        distill={"steps": 10},
+        local=True,
+        measure_latency=True,
+        latency_batch=16,
+    )
     first = ev.evaluate(surgery(teacher, **REDUCED))
     second = ev.evaluate(surgery(teacher, **REDUCED))
     assert first.error is None and not first.cache_hit and second.cache_hit
+    assert (
+        0 < first.latency_s < first.extra["latency_batch_s"] and first.extra["latency_batch"] == 16
+    )
     assert ev.tasks_submitted == 1 and ev.cache_stats()["hits"] == 1
 
 
