@@ -308,9 +308,8 @@ def test_local_mode_needs_no_cluster(teacher_dir, teacher):
     first = ev.evaluate(surgery(teacher, **REDUCED))
     second = ev.evaluate(surgery(teacher, **REDUCED))
     assert first.error is None and not first.cache_hit and second.cache_hit
-    assert (
-        0 < first.latency_s < first.extra["latency_batch_s"] and first.extra["latency_batch"] == 16
-    )
+    assert first.latency_s > 0 and first.extra["latency_batch_s"] > 0
+    assert first.extra["latency_batch"] == 16
     assert ev.tasks_submitted == 1 and ev.cache_stats()["hits"] == 1
 
 
