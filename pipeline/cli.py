@@ -164,7 +164,7 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
     if changed:
         raise UsageError(
             f"--resume continues the run as configured in {run_dir / 'config.yaml'}; drop "
-            f"--{changed[0].replace('_', '-')} (only --address and --tracking-uri may change)"
+            f"{_flag_name(changed[0])} (only --address and --tracking-uri may change)"
         )
     cfg = load_config(run_dir / "config.yaml", flag_overrides(args))
     if Path(cfg.output.run_dir or "") != run_dir:
@@ -172,6 +172,10 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
             {**cfg.model_dump(), "output": {**cfg.output.model_dump(), "run_dir": str(run_dir)}}
         )
     return cfg.resolve_paths()
+
+
+def _flag_name(attr: str) -> str:
+    return {"overrides": "--set", "preset": "--preset"}.get(attr, "--" + attr.replace("_", "-"))
 
 
 def check_run(cfg: RunConfig, resume: bool) -> None:

@@ -672,23 +672,11 @@ def sweep(
 def sweep_table(rows: list[dict[str, Any]]) -> Table:
     """The sweep's trials as a rich table, best mean reward first."""
     table = Table(title="n2n sweep")
-    for column in (
-        "trial",
-        "setting",
-        "iterations",
-        "children",
-        "reward mean",
-        "best reward",
-        "best C",
-        "best acc",
-    ):
-        table.add_column(column, justify="left" if column in ("trial", "setting") else "right")
-    for row in sorted(
-        rows, key=lambda r: -r["reward_mean"] if r["reward_mean"] == r["reward_mean"] else 0
-    ):
+    for column in ("setting", "children", "R mean", "R best", "best C", "best acc"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for row in sorted(rows, key=lambda r: -r["reward_mean"] if r["reward_mean"] == r["reward_mean"] else 0):
         table.add_row(
-            row["trial"], row["label"], str(row["iterations"]), str(row["episodes"]),
-            f"{row['reward_mean']:.3f}", f"{row['best_reward']:.3f}",
-            f"{row['best_compression']:.3f}", f"{row['best_accuracy']:.3f}",
+            row["label"], str(row["episodes"]), f"{row['reward_mean']:.3f}",
+            f"{row['best_reward']:.3f}", f"{row['best_compression']:.3f}", f"{row['best_accuracy']:.3f}",
         )  # fmt: skip
     return table

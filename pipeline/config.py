@@ -422,7 +422,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 
 def _error_line(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
+    key = ".".join(str(p) for p in first["loc"] if p != "[key]")
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         line = f"config key {key!r} is unknown: check its spelling (n2n run --help lists the common flags)"

@@ -178,8 +178,11 @@ class UnitLSTMModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI):
         self._pi = _UnitPolicyNet(
             features, hidden, self._k, bool(self.model_config.get("autoregressive", False))
         )
+        # The value net has its own encoder: with one-step episodes it learns a baseline, and
+        # its (large) loss gradients would otherwise swamp the policy's shared features.
+        self._vf_encoder = _UnitEncoder(features, hidden)
         self._vf = nn.Sequential(
-            nn.Linear(2 * self._pi.encoder.out_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)
+            nn.Linear(2 * self._vf_encoder.out_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)
         )
         self.action_dist_cls = TorchMultiCategorical.get_partial_dist_cls(
             space=self.action_space, input_lens=[self._k] * self._n
@@ -230,26 +233,19 @@ class UnitLSTMModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI):
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        return self._score(self._pi, batch, with_embeddings=True)
+        return self._score(self._pi, batch)
 
-    def _score(
-        self, net: _UnitPolicyNet, batch: dict[str, Any], with_embeddings: bool = False
-    ) -> dict[str, Any]:
+    def _score(self, net: _UnitPolicyNet, batch: dict[str, Any]) -> dict[str, Any]:
         """Logits of the stored actions (teacher forcing for an autoregressive net)."""
         obs = batch[Columns.OBS]
         enc = net.encoder(obs)
         actions = batch.get(Columns.ACTIONS) if net.autoregressive else None
         logits = net.logits(self._select(enc, obs), actions)
-        out = {Columns.ACTION_DIST_INPUTS: logits.reshape(logits.shape[0], -1)}
-        if with_embeddings:
-            out[Columns.EMBEDDINGS] = enc
-        return out
+        return {Columns.ACTION_DIST_INPUTS: logits.reshape(logits.shape[0], -1)}
 
     @override(ValueFunctionAPI)
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
-        if embeddings is None:
-            embeddings = self._pi.encoder(batch[Columns.OBS])
-        return self._values(embeddings)
+        return self._values(self._vf_encoder(batch[Columns.OBS]))
 
     @override(TargetNetworkAPI)
     def make_target_networks(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray import tune
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.outputs import RunDir, ok
@@ -205,7 +206,7 @@ class StageMonitor:
 
     def _print(self, row: dict[str, Any], result: dict[str, Any], label: str) -> None:
         total = result.get("iterations_total") or "?"
-        who = f"{self.stage}" + (f" [{label}]" if self.per_trial_names else "")
+        who = f"{self.stage}" + (f" {escape(label)}" if self.per_trial_names else "")
         line = (
             f"[bold]{who}[/] {row['iteration']}/{total} "
             f"ep {row['episodes']}/{row['episodes_expected']} | "

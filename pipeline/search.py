@@ -167,7 +167,7 @@ def algo_config(settings: dict[str, Any], env_config: dict[str, Any] | None = No
     )
     config = (
         config.env_runners(
-            num_env_runners=runners,
+            num_env_runners=0 if runners == 1 else runners,
             num_envs_per_env_runner=1,
             num_cpus_per_env_runner=RUNNER_CPUS,
             rollout_fragment_length=max(1, math.ceil(batch / runners))
@@ -194,7 +194,11 @@ def algo_config(settings: dict[str, Any], env_config: dict[str, Any] | None = No
         .debugging(seed=s["seed"], log_level="ERROR")
     )
     if s["algo"] == "ppo":
-        config = config.training(minibatch_size=batch, num_epochs=s["num_epochs"], lambda_=1.0)
+        # Clipping alone bounds each update; PPO's adaptive KL penalty would slow a search
+        # that gets only a few dozen episodes in all.
+        config = config.training(
+            minibatch_size=batch, num_epochs=s["num_epochs"], lambda_=1.0, use_kl_loss=False
+        )
     else:
         config = config.training(
             vtrace=True, use_kl_loss=False, circular_buffer_iterations_per_batch=s["num_epochs"]
@@ -378,8 +382,10 @@ def run_stage(
             ),
         )
     results = tuner.fit()
-    if results.num_terminated + results.num_errors < len(results):
-        # Tune catches SIGINT, saves the experiment and returns with trials unfinished.
+    # Tune catches SIGINT, saves the experiment and returns normally, marking the stopped
+    # trials TERMINATED in memory only: the saved state tells an interruption apart.
+    saved = tune.ExperimentAnalysis(path).trials
+    if any(trial.status not in ("TERMINATED", "ERROR") for trial in saved):
         raise KeyboardInterrupt(f"{name} search interrupted; its Tune state is saved in {path}")
     if results.errors:
         err = results.errors[0]
