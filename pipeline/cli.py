@@ -235,14 +235,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     splits = compress.load_splits(cfg)
     tracker = make_tracker(cfg)
     console = _console(args.quiet)
+    status = "FAILED"
     try:
         summary = compress.run(cfg, resume=resume, console=console, tracker=tracker, splits=splits)
-    except BaseException as err:
-        if tracker is not None:
-            tracker.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
         raise
-    if tracker is not None:
-        tracker.close("FINISHED")
+    finally:
+        if tracker is not None:
+            tracker.close(status)
     out = Console(highlight=False)
     out.print(summary_table(summary))
     out.print(f"run directory: {cfg.output.run_dir}")
@@ -288,7 +290,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     variants = compress.sweep_variants(cfg)  # validates every combination before Ray starts
     check_run(cfg, resume=False)
     splits = compress.load_splits(cfg)
-    table = compress.sweep(cfg, variants, console=_console(args.quiet), splits=splits)
+    tracker = make_tracker(cfg)
+    status = "FAILED"
+    try:
+        table = compress.sweep(
+            cfg, variants, console=_console(args.quiet), tracker=tracker, splits=splits
+        )
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.close(status)
     Console(highlight=False).print(compress.sweep_table(table))
     return 0
 

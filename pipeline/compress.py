@@ -84,9 +84,11 @@ class Job:
     warnings: list[str] = field(default_factory=list)
 
     def say(self, text: str) -> None:
+        """A progress message: on the console when there is one, else in the log."""
         if self.console is not None:
             self.console.print(text, highlight=False)
-        logger.info(text.replace("[bold]", "").replace("[/]", ""))
+        else:
+            logger.info(text.replace("[bold]", "").replace("[/]", ""))
 
 
 # --------------------------------------------------------------------------- set-up
@@ -365,7 +367,16 @@ def finetune(
     for rank, (row, (model, spec), ref) in enumerate(
         zip(candidates, built, refs, strict=True), start=1
     ):
-        out = ray.get(ref)
+        try:
+            out = ray.get(ref)
+        except Exception as err:  # e.g. the loss diverged with the longer budget
+            cause = getattr(err, "cause", None) or err
+            message = (
+                f"fine-tuning student {row['arch_hash']} failed: {type(cause).__name__}: {cause}"
+            )
+            job.warnings.append(message)
+            logger.warning(message)
+            continue
         model.load_state_dict(out["state_dict"])
         costs = model_costs(model, job.splits.input_shape).as_dict()
         score = ChildScore(
@@ -381,11 +392,13 @@ def finetune(
         }  # fmt: skip
         save_checkpoint(job.run_dir.file(f"students/{rank}"), model, spec, metrics)
         students.append(metrics)
+    if not students:
+        raise RuntimeError(f"fine-tuning failed for every student: {job.warnings[-1]}")
     best = max(students, key=lambda s: s["reward"])
     best["best"] = True
     best_dir = job.run_dir.file("best")
     shutil.rmtree(best_dir, ignore_errors=True)
-    model, spec = built[best["rank"] - 1]
+    model, spec = built[best["rank"] - 1]  # ranks follow candidates, failed ones included
     save_checkpoint(best_dir, model, spec, best)
     return students
 
@@ -674,7 +687,9 @@ def sweep_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="n2n sweep")
     for column in ("setting", "children", "R mean", "R best", "best C", "best acc"):
         table.add_column(column, justify="left" if column == "setting" else "right")
-    for row in sorted(rows, key=lambda r: -r["reward_mean"] if r["reward_mean"] == r["reward_mean"] else 0):
+    for row in sorted(
+        rows, key=lambda r: -r["reward_mean"] if r["reward_mean"] == r["reward_mean"] else 0
+    ):
         table.add_row(
             row["label"], str(row["episodes"]), f"{row['reward_mean']:.3f}",
             f"{row['best_reward']:.3f}", f"{row['best_compression']:.3f}", f"{row['best_accuracy']:.3f}",

@@ -43,7 +43,7 @@ def test_defaults_fill_what_a_preset_leaves_out() -> None:
     cfg = load_config("demo")
     assert cfg.tracking.uri == "sqlite:///mlflow.db" and cfg.tracking.enabled
     assert cfg.search.evaluator == "pipeline.evaluator:KDEvaluator"
-    assert cfg.shrinkage.ratios == [0.25, 0.5, 0.75, 1.0]
+    assert cfg.shrinkage.ratios == [0.125, 0.25, 0.375, 0.5, 0.75, 1.0]
 
 
 def test_overrides_parse_values_as_yaml() -> None:

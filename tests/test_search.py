@@ -197,7 +197,8 @@ def _quick_run_flags(run_dir: Path, *extra: str) -> list[str]:
     """A demo run on a budget CI can afford: real KD children on digits, a few of them."""
     return [
         "run", "--run-dir", str(run_dir), "--no-tracking", "--quiet", "--episodes", "4",
-        "--set", "teacher.epochs=4", "--set", "distill.steps=30", "--set", "finetune.steps=60",
+        "--set", "teacher.epochs=4", "--set", "teacher.width=0.5", "--set", "distill.steps=30",
+        "--set", "finetune.steps=60",
         "--set", "finetune.top_k=2", *extra,
     ]  # fmt: skip
 
@@ -304,9 +305,28 @@ def test_demo_with_ppo_survives_an_interruption_and_resumes_without_retraining(
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-def test_demo_runs_end_to_end_with_appo(ray_cluster, tmp_path: Path) -> None:
-    run_dir = tmp_path / "appo"
+def test_demo_runs_end_to_end_with_appo_and_is_tracked_in_mlflow(
+    ray_cluster, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    run_dir, uri = tmp_path / "appo", f"sqlite:///{tmp_path / 'mlflow.db'}"
     flags = _quick_run_flags(run_dir, "--algo", "appo", "--iterations", "2", "--skip-shrinkage")
+    flags.remove("--no-tracking")
+    flags += ["--tracking-uri", uri, "--set", "tracking.experiment=appo-test",
+              "--set", "tracking.registry_name=appo-student"]  # fmt: skip
     assert _run(flags) == 0
     summary = _check_run_dir(run_dir, {"removal": 8})
     assert summary["algo"] == "appo" and not RunDir(run_dir).children("shrinkage")
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("appo-test")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.params["search.algo"] == "appo"
+    assert parent.data.metrics["compression/ratio"] == pytest.approx(summary["compression_ratio"])
+    stage = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    history = client.get_metric_history(stage.info.run_id, "reward/mean")
+    assert [m.step for m in history] == [1, 2]
+    version = client.get_model_version_by_alias("appo-student", "champion")
+    assert version.run_id == parent.info.run_id
