@@ -434,7 +434,7 @@ def train_child(
     ``ChildResult.error = "ErrorClass: message"``; those that depend on the machine's load
     rather than on the child (timeouts, out of memory) are marked not cacheable.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     deadline = started + timeout_s if timeout_s is not None else None
     try:
         torch.set_num_threads(num_threads)
@@ -457,6 +457,7 @@ def train_child(
             "final_loss": result.final_loss,
             "epochs": result.epochs,
             "device": result.device,
+            "cpu_time_s": time.process_time() - cpu_started,
         }
         latency = None
         if latency_batch is not None:
