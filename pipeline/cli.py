@@ -216,6 +216,14 @@ def make_tracker(cfg: RunConfig) -> Any:
 # --------------------------------------------------------------------------- commands
 
 
+def _quiet_ray(verbose: bool) -> None:
+    """Keeps Ray's own warnings off the progress lines (``import ray`` resets these levels)."""
+    import ray  # noqa: F401
+
+    for noisy in ("ray.rllib", "ray.tune", "ray.train"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
 def _console(quiet: bool) -> Any:
     from rich.console import Console
 
@@ -232,6 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     args.run_dir_resolved = cfg.output.run_dir
     check_run(cfg, resume)
+    _quiet_ray(args.verbose)
     splits = compress.load_splits(cfg)
     tracker = make_tracker(cfg)
     console = _console(args.quiet)
@@ -277,7 +286,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline import compress
+    from pipeline import compress, sweeps
 
     cfg = config_from_args(args)
     grid = dict(cfg.sweep.grid)
@@ -287,13 +296,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise UsageError(f"--grid {text!r} must look like key=v1,v2, e.g. --grid seed=0,1,2")
         grid[key.strip()] = [v.strip() for v in values.split(",")]
     cfg = validate_config({**cfg.model_dump(), "sweep": {**cfg.sweep.model_dump(), "grid": grid}})
-    variants = compress.sweep_variants(cfg)  # validates every combination before Ray starts
+    variants = sweeps.sweep_variants(cfg)  # validates every combination before Ray starts
     check_run(cfg, resume=False)
+    _quiet_ray(args.verbose)
     splits = compress.load_splits(cfg)
     tracker = make_tracker(cfg)
     status = "FAILED"
     try:
-        table = compress.sweep(
+        table = sweeps.sweep(
             cfg, variants, console=_console(args.quiet), tracker=tracker, splits=splits
         )
         status = "FINISHED"
@@ -303,7 +313,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     finally:
         if tracker is not None:
             tracker.close(status)
-    Console(highlight=False).print(compress.sweep_table(table))
+    Console(highlight=False).print(sweeps.sweep_table(table))
     return 0
 
 
@@ -322,8 +332,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Our progress lines replace Tune's status tables; per-iteration checkpoints are intended.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    for noisy in ("ray.rllib", "ray.tune", "ray.train"):
-        logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, UsageError) as err:

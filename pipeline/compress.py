@@ -20,31 +20,24 @@ every child already trained, so none is trained twice.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import itertools
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
-import torch
-import yaml
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from envs.costs import model_costs
 from envs.env import load_network
 from envs.evaluation import load_evaluator
-from envs.rewards import ChildScore, make_reward
 from envs.spec import arch_hash, load_checkpoint, save_checkpoint
 from envs.surgery import make_child
-from pipeline.config import ConfigError, RunConfig, validate_config
+from pipeline.config import RunConfig
+from pipeline.finetune import finetune, top_candidates
 from pipeline.outputs import RunDir, ok
 from pipeline.progress import Clock, StageMonitor
 from pipeline.search import ENV_CLASSES, RUNNER_CPUS, STAGES, child_log, run_stage, stage_settings
@@ -271,138 +264,6 @@ def rebuild_child(
     return model, spec
 
 
-# --------------------------------------------------------------------------- fine-tuning
-
-
-@ray.remote
-def _finetune_task(
-    payload: dict[str, Any],
-    model: nn.Module,
-    cfg: Any,
-    test: tuple[np.ndarray, np.ndarray],
-    threads: int,
-) -> dict[str, Any]:
-    """Distils one student with the fine-tuning budget; returns its weights and accuracies."""
-    from pipeline.distill import distill, evaluate_accuracy
-
-    torch.set_num_threads(threads)
-    data = {
-        k: torch.as_tensor(np.array(v)) for k, v in payload.items() if isinstance(v, np.ndarray)
-    }
-    result = distill(
-        model,
-        data["train_x"],
-        data["train_y"],
-        data["teacher_logits"],
-        data["val_x"],
-        data["val_y"],
-        cfg,
-    )
-    test_acc = evaluate_accuracy(model.cpu(), torch.as_tensor(test[0]), torch.as_tensor(test[1]))
-    return {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "val_accuracy": result.accuracy,
-        "test_accuracy": test_acc,
-        "kd_steps": result.steps,
-        "wall_time_s": result.wall_time_s,
-    }
-
-
-def _payload(job: Job) -> Any:
-    """Training data and teacher logits in the object store (the evaluator's, when it has them)."""
-    existing = getattr(job.evaluator_instance, "payload", None)
-    if isinstance(existing, ray.ObjectRef):
-        return existing
-    from pipeline.distill import teacher_logits
-
-    x, y = job.splits.train
-    return ray.put({
-        "train_x": x.numpy(), "train_y": y.numpy(),
-        "val_x": job.splits.val[0].numpy(), "val_y": job.splits.val[1].numpy(),
-        "teacher_logits": teacher_logits(job.teacher.model, x).numpy(),
-    })  # fmt: skip
-
-
-def finetune(
-    job: Job, rows: list[dict[str, Any]], parent: tuple[nn.Module, dict[str, Any]] | None
-) -> list[dict[str, Any]]:
-    """Fine-tunes the top-k distinct students, saves them to ``students/<rank>/`` and ``best/``.
-
-    Students are ranked by search reward; the final one is chosen by the reward recomputed
-    with its fine-tuned *validation* accuracy. The test split is measured, never selected on.
-    """
-    from pipeline.distill import DistillConfig
-
-    cfg = job.cfg
-    distinct: dict[str, dict[str, Any]] = {}
-    for row in sorted((r for r in rows if ok(r)), key=lambda r: -r["reward"]):
-        distinct.setdefault(row["arch_hash"], row)
-    candidates = list(distinct.values())[: cfg.finetune.top_k]
-    if not candidates:
-        raise RuntimeError(
-            "no child was evaluated successfully, so there is no student to fine-tune"
-        )
-    settings = DistillConfig.from_dict(
-        cfg.distill.as_kwargs(
-            cfg.seed, steps=cfg.finetune.steps, lr=cfg.finetune.lr, measure_initial=False
-        )
-    )
-    payload = _payload(job)
-    test = ray.put((job.splits.test[0].numpy(), job.splits.test[1].numpy()))
-    built = [rebuild_child(job, row, parent) for row in candidates]
-    job.say(
-        f"[bold]fine-tuning[/] {len(candidates)} students for {cfg.finetune.steps} KD steps each"
-    )
-    refs = [
-        _finetune_task.options(
-            num_cpus=cfg.ray.cpus_per_child,
-            num_gpus=cfg.ray.gpus_per_child,
-            scheduling_strategy="DEFAULT",
-        ).remote(payload, model, settings, test, max(1, int(cfg.ray.cpus_per_child)))
-        for model, _ in built
-    ]
-    reward_fn = make_reward(cfg.reward.as_env_config())
-    teacher = job.teacher.facts
-    students = []
-    for rank, (row, (model, spec), ref) in enumerate(
-        zip(candidates, built, refs, strict=True), start=1
-    ):
-        try:
-            out = ray.get(ref)
-        except Exception as err:  # e.g. the loss diverged with the longer budget
-            cause = getattr(err, "cause", None) or err
-            message = (
-                f"fine-tuning student {row['arch_hash']} failed: {type(cause).__name__}: {cause}"
-            )
-            job.warnings.append(message)
-            logger.warning(message)
-            continue
-        model.load_state_dict(out["state_dict"])
-        costs = model_costs(model, job.splits.input_shape).as_dict()
-        score = ChildScore(
-            accuracy=out["val_accuracy"], teacher_accuracy=teacher["val_accuracy"], params=costs["params"],
-            teacher_params=teacher["params"], flops=costs["flops"], teacher_flops=teacher["flops"],
-        )  # fmt: skip
-        metrics = {
-            "rank": rank, "stage": row["stage"], "arch_hash": row["arch_hash"], **costs,
-            "compression": 1.0 - costs["params"] / teacher["params"],
-            "val_accuracy": out["val_accuracy"], "test_accuracy": out["test_accuracy"],
-            "reward": float(reward_fn(score)), "search_reward": row["reward"],
-            "search_accuracy": row["accuracy"], "kd_steps": out["kd_steps"], "wall_time_s": out["wall_time_s"],
-        }  # fmt: skip
-        save_checkpoint(job.run_dir.file(f"students/{rank}"), model, spec, metrics)
-        students.append(metrics)
-    if not students:
-        raise RuntimeError(f"fine-tuning failed for every student: {job.warnings[-1]}")
-    best = max(students, key=lambda s: s["reward"])
-    best["best"] = True
-    best_dir = job.run_dir.file("best")
-    shutil.rmtree(best_dir, ignore_errors=True)
-    model, spec = built[best["rank"] - 1]  # ranks follow candidates, failed ones included
-    save_checkpoint(best_dir, model, spec, best)
-    return students
-
-
 # --------------------------------------------------------------------------- the job
 
 
@@ -513,7 +374,9 @@ def run(
             if stage == "removal":
                 start, parent = _stage_start(job, rows)
         run_dir.write_pareto(all_rows)
-        students = finetune(job, all_rows, parent)
+        candidates = top_candidates(all_rows, cfg.finetune.top_k)
+        built = [rebuild_child(job, row, parent) for row in candidates]
+        students = finetune(job, candidates, built)
         run_dir.mark("finetune", students=len(students))
         summary = _summary(job, all_rows, students, time.monotonic() - started)
         run_dir.write_summary(summary)
@@ -558,140 +421,3 @@ def _summary(
         "warnings": job.warnings,
         "wall_time_s": round(wall, 1),
     }
-
-
-# --------------------------------------------------------------------------- sweeps
-
-SWEEPABLE = ("seed", "search.", "removal.", "shrinkage.", "reward.")
-"""Config keys a sweep may vary: the search, not the data, teacher or child budget."""
-
-
-def sweep_variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
-    """Every grid combination (times ``sweep.num_samples`` seeds) as a validated config.
-
-    Raises:
-        ConfigError: an empty sweep, a key a sweep may not vary, or a value the key rejects.
-    """
-    grid, repeats = cfg.sweep.grid, cfg.sweep.num_samples
-    if not grid and repeats == 1:
-        raise ConfigError("a sweep needs sweep.grid (or --grid key=v1,v2) or sweep.num_samples > 1")
-    for key in grid:
-        if not (key == "seed" or key.startswith(SWEEPABLE[1:])):
-            raise ConfigError(
-                f"sweep.grid key {key!r} cannot vary in a sweep (it changes the data, teacher or "
-                f"child budget); sweep keys under {', '.join(SWEEPABLE)}"
-            )
-    base = cfg.model_dump(mode="json")
-    variants = []
-    for combo in itertools.product(*grid.values()):
-        for repeat in range(repeats):
-            raw = copy.deepcopy(base)
-            parts = []
-            for key, value in zip(grid, combo, strict=True):
-                value = yaml.safe_load(value) if isinstance(value, str) else value
-                node = raw
-                *path, last = key.split(".")
-                for part in path:
-                    node = node.setdefault(part, {})
-                node[last] = value
-                parts.append(f"{key}={value}")
-            if repeats > 1 and "seed" not in grid:
-                raw["seed"] = cfg.seed + repeat
-                parts.append(f"seed={raw['seed']}")
-            variants.append((" ".join(parts), validate_config(raw)))
-    return variants
-
-
-def sweep(
-    cfg: RunConfig,
-    variants: list[tuple[str, RunConfig]],
-    console: Console | None = None,
-    tracker: Any = None,
-    splits: Any = None,
-) -> list[dict[str, Any]]:
-    """Runs the first enabled stage once per variant as parallel Tune trials (ASHA optional).
-
-    Returns one row per trial (label, episodes, mean and best reward, best compression and
-    accuracy), also written to ``RUN_DIR/sweep.csv``; every child is in ``children.csv``.
-    """
-    run_dir = RunDir(cfg.output.run_dir)
-    run_dir.write_config(cfg.to_yaml())
-    stage = next(s for s in STAGES if cfg.stage(s).enabled)
-    owns_ray = init_ray(cfg)
-    job: Job | None = None
-    try:
-        planned = sum(v.stage(stage).iterations for _, v in variants)
-        job = _open_job(cfg, run_dir, console, tracker, splits, planned)
-        probe = ENV_CLASSES[stage](env_config(job, stage, None))
-        units = len(probe.units)
-        variant_settings = []
-        for label, variant in variants:
-            config = env_config(job, stage, None, variant)
-            choices = 2 if stage == "removal" else len(variant.shrinkage.ratios)
-            settings = stage_settings(
-                stage,
-                variant.search,
-                variant.stage(stage),
-                config,
-                units,
-                choices,
-                variant.seed,
-                job.log_name,
-            )
-            variant_settings.append({**settings, "label": label})
-        scheduler = None
-        if cfg.sweep.scheduler == "asha" and len(variants) > 1:
-            from ray.tune.schedulers import ASHAScheduler
-
-            max_t = max(v.stage(stage).iterations for _, v in variants)
-            scheduler = ASHAScheduler(
-                time_attr="iteration", max_t=max_t, grace_period=min(cfg.sweep.grace_period, max_t)
-            )
-        monitor = StageMonitor(
-            stage, job.log, run_dir, job.clock, console, tracker, per_trial_names=True
-        )
-        callbacks = [monitor.callback()]
-        job.say(
-            f"[bold]sweep[/] of {stage}: {len(variants)} trials, {cfg.sweep.max_concurrent} at once"
-        )
-        results = run_stage(
-            f"sweep-{stage}", variant_settings, cfg.output.storage_path, callbacks,
-            scheduler=scheduler, max_concurrent=cfg.sweep.max_concurrent,
-        )  # fmt: skip
-        table = []
-        for result in results:
-            trial_id = result.metrics["trial_id"]
-            rows = monitor.rows.get(trial_id, [])
-            rewards = [r["reward"] for r in rows]
-            best = best_row(rows)
-            table.append({
-                "trial": trial_id,
-                "label": result.config["settings"]["label"],
-                "iterations": result.metrics.get("iteration"),
-                "episodes": len(rows),
-                "reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
-                "best_reward": best["reward"] if best else float("nan"),
-                "best_compression": best["compression"] if best else float("nan"),
-                "best_accuracy": best["accuracy"] if best else float("nan"),
-            })  # fmt: skip
-        run_dir.write_table("sweep.csv", table)
-        return table
-    finally:
-        _release(job)
-        if owns_ray:
-            ray.shutdown()
-
-
-def sweep_table(rows: list[dict[str, Any]]) -> Table:
-    """The sweep's trials as a rich table, best mean reward first."""
-    table = Table(title="n2n sweep")
-    for column in ("setting", "children", "R mean", "R best", "best C", "best acc"):
-        table.add_column(column, justify="left" if column == "setting" else "right")
-    for row in sorted(
-        rows, key=lambda r: -r["reward_mean"] if r["reward_mean"] == r["reward_mean"] else 0
-    ):
-        table.add_row(
-            row["label"], str(row["episodes"]), f"{row['reward_mean']:.3f}",
-            f"{row['best_reward']:.3f}", f"{row['best_compression']:.3f}", f"{row['best_accuracy']:.3f}",
-        )  # fmt: skip
-    return table

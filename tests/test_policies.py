@@ -80,7 +80,9 @@ def test_autoregressive_choices_condition_later_units_only() -> None:
     module = unit_module(4, True, mask_column=COL["removable"])
     obs = observations(1).repeat(2, 1, 1)
     actions = torch.tensor([[0, 1, 2, 3], [3, 1, 2, 3]])  # differ in the first unit only
-    logits = module.forward_train({Columns.OBS: obs, Columns.ACTIONS: actions})[Columns.ACTION_DIST_INPUTS]
+    logits = module.forward_train({Columns.OBS: obs, Columns.ACTIONS: actions})[
+        Columns.ACTION_DIST_INPUTS
+    ]
     per_unit = logits.view(2, len(ADDRESSED), 4)
     # The first choice sees no earlier one; the second sees the first.
     torch.testing.assert_close(per_unit[0, 0], per_unit[1, 0], atol=1e-7, rtol=0)
@@ -115,8 +117,13 @@ def test_step_policy_carries_earlier_steps_in_its_state() -> None:
     module = StepLSTMModule(
         observation_space=OBS, action_space=gym.spaces.Discrete(5), model_config={"hidden": 8}
     )
-    state = {k: torch.from_numpy(v).unsqueeze(0).repeat(2, 1) for k, v in module.get_initial_state().items()}
-    obs = observations(2, COL["shrinkable"]).unsqueeze(1).repeat(1, 3, 1, 1)  # [B, T, units, features]
+    state = {
+        k: torch.from_numpy(v).unsqueeze(0).repeat(2, 1)
+        for k, v in module.get_initial_state().items()
+    }
+    obs = (
+        observations(2, COL["shrinkable"]).unsqueeze(1).repeat(1, 3, 1, 1)
+    )  # [B, T, units, features]
     obs[1, 0, :, COL["keep_ratio"]] = 0.3  # a different first step in the second sequence
     out = module.forward_train({Columns.OBS: obs, Columns.STATE_IN: state})
     logits = out[Columns.ACTION_DIST_INPUTS]
@@ -128,7 +135,9 @@ def test_step_policy_carries_earlier_steps_in_its_state() -> None:
 
 
 def test_module_spec_picks_the_module_for_the_space() -> None:
-    removal, connector = module_spec("lstm", gym.spaces.MultiDiscrete([2] * 4), hidden=16, mask_column=3)
+    removal, connector = module_spec(
+        "lstm", gym.spaces.MultiDiscrete([2] * 4), hidden=16, mask_column=3
+    )
     assert removal.module_class is UnitLSTMModule and connector is None
     assert removal.model_config["hidden"] == 16
     sequential, _ = module_spec("lstm", gym.spaces.Discrete(4))
@@ -145,11 +154,18 @@ def test_module_spec_picks_the_module_for_the_space() -> None:
 
 @pytest.mark.parametrize("sequential", [False, True])
 def test_modules_fit_the_real_environments(sequential: bool) -> None:
-    teacher = {"arch": "small_cnn", "kwargs": {"width": 0.25, "in_channels": 1}, "input_shape": [1, 8, 8]}
+    teacher = {
+        "arch": "small_cnn",
+        "kwargs": {"width": 0.25, "in_channels": 1},
+        "input_shape": [1, 8, 8],
+    }
     config = {"teacher": teacher, "evaluator": SyntheticEvaluator()}
     for env, column in (
         (RemovalEnv(config), COL["removable"]),
-        (ShrinkageEnv({**config, "ratios": [0.5, 1.0], "sequential": sequential}), COL["shrinkable"]),
+        (
+            ShrinkageEnv({**config, "ratios": [0.5, 1.0], "sequential": sequential}),
+            COL["shrinkable"],
+        ),
     ):
         spec, _ = module_spec("lstm", env.action_space, hidden=8, mask_column=column)
         module = spec.module_class(
@@ -161,7 +177,9 @@ def test_modules_fit_the_real_environments(sequential: bool) -> None:
         batch = {Columns.OBS: torch.from_numpy(obs)[None]}
         if isinstance(env.action_space, gym.spaces.Discrete):
             batch[Columns.OBS] = batch[Columns.OBS][:, None]
-            batch[Columns.STATE_IN] = {k: torch.from_numpy(v)[None] for k, v in module.get_initial_state().items()}
+            batch[Columns.STATE_IN] = {
+                k: torch.from_numpy(v)[None] for k, v in module.get_initial_state().items()
+            }
         out = module.forward_exploration(batch)
         dist = module.get_exploration_action_dist_cls().from_logits(out[Columns.ACTION_DIST_INPUTS])
         action = out.get(Columns.ACTIONS, dist.sample()).reshape(-1).numpy()

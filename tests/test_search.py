@@ -21,7 +21,7 @@ import pytest
 from envs.env import RemovalEnv, ShrinkageEnv
 from envs.evaluation import SyntheticEvaluator
 from envs.spec import load_checkpoint
-from pipeline import compress
+from pipeline import sweeps
 from pipeline.baselines import random_episode
 from pipeline.config import load_config
 from pipeline.outputs import RunDir, pareto
@@ -119,7 +119,7 @@ class _BoxEnv(gym.Env):
 
 def test_sweep_variants_validate_every_combination() -> None:
     cfg = load_config("demo", ["sweep.grid={search.algo: [ppo, random], removal.lr: [0.01, 0.1]}"])
-    variants = compress.sweep_variants(cfg)
+    variants = sweeps.sweep_variants(cfg)
     assert [label for label, _ in variants][0] == "search.algo=ppo removal.lr=0.01"
     assert {(v.search.algo, v.removal.lr) for _, v in variants} == {
         ("ppo", 0.01),
@@ -127,14 +127,14 @@ def test_sweep_variants_validate_every_combination() -> None:
         ("random", 0.01),
         ("random", 0.1),
     }
-    seeds = compress.sweep_variants(load_config("demo", ["sweep.num_samples=3"]))
+    seeds = sweeps.sweep_variants(load_config("demo", ["sweep.num_samples=3"]))
     assert [v.seed for _, v in seeds] == [0, 1, 2]
     with pytest.raises(ValueError, match="'removal.iterations'"):
-        compress.sweep_variants(load_config("demo", ["sweep.grid={removal.iterations: [1, 0]}"]))
+        sweeps.sweep_variants(load_config("demo", ["sweep.grid={removal.iterations: [1, 0]}"]))
     with pytest.raises(ValueError, match="cannot vary"):
-        compress.sweep_variants(load_config("demo", ["sweep.grid={distill.steps: [10, 20]}"]))
+        sweeps.sweep_variants(load_config("demo", ["sweep.grid={distill.steps: [10, 20]}"]))
     with pytest.raises(ValueError, match="needs sweep.grid"):
-        compress.sweep_variants(load_config("demo"))
+        sweeps.sweep_variants(load_config("demo"))
 
 
 # --------------------------------------------------------------------------- slow
@@ -174,7 +174,7 @@ def test_ppo_beats_random_search_on_the_synthetic_evaluator(ray_cluster, tmp_pat
             "sweep.max_concurrent=3",
         ),
     ).resolve_paths()
-    table = compress.sweep(cfg, compress.sweep_variants(cfg))
+    table = sweeps.sweep(cfg, sweeps.sweep_variants(cfg))
     means: dict[str, list[float]] = {"ppo": [], "random": []}
     for row in table:
         assert row["episodes"] == 6 * 8, row  # same number of children for both, none dropped

@@ -1,0 +1,163 @@
+"""Fine-tuning the best students: a longer KD budget, then the test split, once.
+
+The top-k distinct children of the search (by reward) are rebuilt by surgery from the
+teacher (or from stage 1's best child, for stage 2 children), trained as parallel Ray tasks
+with ``finetune.steps`` KD steps and measured on the test split. The final student is chosen
+by the reward recomputed with its fine-tuned *validation* accuracy, never by test accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from envs.costs import model_costs
+from envs.rewards import ChildScore, make_reward
+from envs.spec import save_checkpoint
+from pipeline.outputs import ok
+
+logger = logging.getLogger(__name__)
+
+
+@ray.remote
+def _finetune_task(
+    payload: dict[str, Any],
+    model: nn.Module,
+    cfg: Any,
+    test: tuple[np.ndarray, np.ndarray],
+    threads: int,
+) -> dict[str, Any]:
+    """Distils one student with the fine-tuning budget; returns its weights and accuracies."""
+    from pipeline.distill import distill, evaluate_accuracy
+
+    torch.set_num_threads(threads)
+    data = {
+        k: torch.as_tensor(np.array(v)) for k, v in payload.items() if isinstance(v, np.ndarray)
+    }
+    result = distill(
+        model,
+        data["train_x"],
+        data["train_y"],
+        data["teacher_logits"],
+        data["val_x"],
+        data["val_y"],
+        cfg,
+    )
+    test_acc = evaluate_accuracy(model.cpu(), torch.as_tensor(test[0]), torch.as_tensor(test[1]))
+    return {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "val_accuracy": result.accuracy,
+        "test_accuracy": test_acc,
+        "kd_steps": result.steps,
+        "wall_time_s": result.wall_time_s,
+    }
+
+
+def _payload(job: Any) -> Any:
+    """Training data and teacher logits in the object store (the evaluator's, when it has them)."""
+    existing = getattr(job.evaluator_instance, "payload", None)
+    if isinstance(existing, ray.ObjectRef):
+        return existing
+    from pipeline.distill import teacher_logits
+
+    x, y = job.splits.train
+    return ray.put({
+        "train_x": x.numpy(), "train_y": y.numpy(),
+        "val_x": job.splits.val[0].numpy(), "val_y": job.splits.val[1].numpy(),
+        "teacher_logits": teacher_logits(job.teacher.model, x).numpy(),
+    })  # fmt: skip
+
+
+def top_candidates(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The ``k`` best successful children by search reward, one per architecture."""
+    distinct: dict[str, dict[str, Any]] = {}
+    for row in sorted((r for r in rows if ok(r)), key=lambda r: -r["reward"]):
+        distinct.setdefault(row["arch_hash"], row)
+    candidates = list(distinct.values())[:k]
+    if not candidates:
+        raise RuntimeError(
+            "no child was evaluated successfully, so there is no student to fine-tune"
+        )
+    return candidates
+
+
+def finetune(
+    job: Any, candidates: list[dict[str, Any]], built: list[tuple[nn.Module, dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Fine-tunes students, saves them to ``students/<rank>/`` and the final one to ``best/``.
+
+    Args:
+        job: the run (``pipeline.compress.Job``): config, data, teacher, evaluator, run dir.
+        candidates: child records in rank order (see :func:`top_candidates`).
+        built: each candidate's network (teacher weights, by surgery) and student spec.
+
+    Returns:
+        One metrics dict per fine-tuned student; the final one has ``best: True``.
+    """
+    from pipeline.distill import DistillConfig
+
+    cfg = job.cfg
+    settings = DistillConfig.from_dict(
+        cfg.distill.as_kwargs(
+            cfg.seed, steps=cfg.finetune.steps, lr=cfg.finetune.lr, measure_initial=False
+        )
+    )
+    payload = _payload(job)
+    test = ray.put((job.splits.test[0].numpy(), job.splits.test[1].numpy()))
+    job.say(
+        f"[bold]fine-tuning[/] {len(candidates)} students for {cfg.finetune.steps} KD steps each"
+    )
+    refs = [
+        _finetune_task.options(
+            num_cpus=cfg.ray.cpus_per_child,
+            num_gpus=cfg.ray.gpus_per_child,
+            scheduling_strategy="DEFAULT",
+        ).remote(payload, model, settings, test, max(1, int(cfg.ray.cpus_per_child)))
+        for model, _ in built
+    ]
+    reward_fn = make_reward(cfg.reward.as_env_config())
+    teacher = job.teacher.facts
+    students = []
+    for rank, (row, (model, spec), ref) in enumerate(
+        zip(candidates, built, refs, strict=True), start=1
+    ):
+        try:
+            out = ray.get(ref)
+        except Exception as err:  # e.g. the loss diverged with the longer budget
+            cause = getattr(err, "cause", None) or err
+            message = (
+                f"fine-tuning student {row['arch_hash']} failed: {type(cause).__name__}: {cause}"
+            )
+            job.warnings.append(message)
+            logger.warning(message)
+            continue
+        model.load_state_dict(out["state_dict"])
+        costs = model_costs(model, job.splits.input_shape).as_dict()
+        score = ChildScore(
+            accuracy=out["val_accuracy"], teacher_accuracy=teacher["val_accuracy"], params=costs["params"],
+            teacher_params=teacher["params"], flops=costs["flops"], teacher_flops=teacher["flops"],
+        )  # fmt: skip
+        metrics = {
+            "rank": rank, "stage": row["stage"], "arch_hash": row["arch_hash"], **costs,
+            "compression": 1.0 - costs["params"] / teacher["params"],
+            "val_accuracy": out["val_accuracy"], "test_accuracy": out["test_accuracy"],
+            "reward": float(reward_fn(score)), "search_reward": row["reward"],
+            "search_accuracy": row["accuracy"], "kd_steps": out["kd_steps"], "wall_time_s": out["wall_time_s"],
+        }  # fmt: skip
+        save_checkpoint(job.run_dir.file(f"students/{rank}"), model, spec, metrics)
+        students.append(metrics)
+    if not students:
+        raise RuntimeError(f"fine-tuning failed for every student: {job.warnings[-1]}")
+    best = max(students, key=lambda s: s["reward"])
+    best["best"] = True
+    best_dir = job.run_dir.file("best")
+    shutil.rmtree(best_dir, ignore_errors=True)
+    model, spec = built[best["rank"] - 1]  # ranks follow candidates, failed ones included
+    save_checkpoint(best_dir, model, spec, best)
+    return students
