@@ -68,7 +68,7 @@ class KDEvaluator:
         num_cpus: CPUs reserved by each child task (also its PyTorch thread count).
         num_gpus: GPUs reserved by each child task; a fraction shares one GPU between children.
         timeout_s: a child whose training runs longer fails (reward -1); None for no limit.
-        hard_timeout_s: give up on a task that has not answered this long after submission
+        hard_timeout_s: give up on the tasks still out when none has answered for this long
             (queueing included; it catches hung or unschedulable tasks). Defaults to
             ``2 * timeout_s + 60``.
         max_retries: re-runs of a task lost to a dead worker or node.
@@ -347,12 +347,16 @@ class KDEvaluator:
             return out
         by_ref = {ref: key for key, ref in refs.items()}
         remaining = list(by_ref)
+        # The watchdog restarts whenever a child answers, so that a long batch queued on a
+        # small cluster is not cut short; it fires only when nothing answers for that long.
+        progress = started
         while remaining:
             timeout = None
             if self.hard_timeout_s is not None:
-                timeout = max(0.0, started + self.hard_timeout_s - time.perf_counter())
+                timeout = max(0.0, progress + self.hard_timeout_s - time.perf_counter())
             ready, remaining = ray.wait(remaining, num_returns=1, timeout=timeout)
-            if not ready:  # the hard timeout passed for everything still running
+            progress = time.perf_counter()
+            if not ready:  # nothing answered within the hard timeout
                 for ref in remaining:
                     try:
                         ray.cancel(ref, force=True)
@@ -360,7 +364,7 @@ class KDEvaluator:
                         logger.debug("could not cancel %s", ref, exc_info=True)
                     out[by_ref[ref]] = ChildResult(
                         error=(
-                            f"ChildTimeoutError: no result {self.hard_timeout_s:.0f} s after submission "
+                            f"ChildTimeoutError: no result within {self.hard_timeout_s:g} s "
                             "(the task hung or could not be scheduled; check num_cpus/num_gpus)"
                         ),
                         wall_time_s=time.perf_counter() - started,
