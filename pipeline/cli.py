@@ -167,10 +167,12 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
             f"{_flag_name(changed[0])} (only --address and --tracking-uri may change)"
         )
     cfg = load_config(run_dir / "config.yaml", flag_overrides(args))
-    if Path(cfg.output.run_dir or "") != run_dir:
-        cfg = validate_config(
-            {**cfg.model_dump(), "output": {**cfg.output.model_dump(), "run_dir": str(run_dir)}}
-        )
+    old_dir = Path(cfg.output.run_dir or "")
+    if old_dir != run_dir:  # the run directory was moved: follow it
+        output = {**cfg.output.model_dump(), "run_dir": str(run_dir)}
+        if cfg.output.storage_path == str(old_dir / "tune"):
+            output["storage_path"] = None  # the default, inside the run directory
+        cfg = validate_config({**cfg.model_dump(), "output": output})
     return cfg.resolve_paths()
 
 

@@ -349,6 +349,9 @@ def run(
     run_dir = RunDir(cfg.output.run_dir)
     if not resume:
         run_dir.write_config(cfg.to_yaml())
+    elif run_dir.done("finetune") and run_dir.file("summary.json").is_file():
+        logger.info("run %s is complete; nothing to resume", run_dir.path)
+        return run_dir.summary()
     owns_ray = init_ray(cfg)
     job: Job | None = None
     try:

@@ -158,3 +158,29 @@ def test_teacher_command_trains_and_saves_a_checkpoint(capsys, tmp_path: Path) -
     assert 0.1 < ckpt.metrics["val_accuracy"] <= 1.0
     code, err = run_cli(["teacher", "--out", str(out)], capsys)
     assert code == 2 and "already holds a teacher" in one_line(err)
+
+
+def test_resuming_a_finished_run_prints_its_summary_without_ray(capsys, tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.outputs import RunDir
+
+    elsewhere = tmp_path / "moved-from"
+    run = RunDir(tmp_path / "run")
+    run.write_config(load_config("demo", [f"output.run_dir={elsewhere}"]).resolve_paths().to_yaml())
+    run.mark("finetune", students=1)
+    facts = {
+        "params": 1000,
+        "flops": 5000,
+        "size_bytes": 4000,
+        "val_accuracy": 0.9,
+        "test_accuracy": 0.8,
+    }
+    student = {**facts, "params": 100, "rank": 1, "best": True}
+    run.write_summary({"name": "demo", "teacher": facts, "student": student, "students": [student]})
+    import ray
+
+    ray_before = ray.is_initialized()
+    assert main(["run", "--resume", str(run.path), "--no-tracking"]) == 0
+    assert ray.is_initialized() == ray_before
+    out = capsys.readouterr().out
+    assert "10.0x" in out and f"run directory: {run.path}" in out
