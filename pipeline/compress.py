@@ -224,8 +224,9 @@ def search_stage(job: Job, stage: str, start: str | None, resume: bool) -> list[
     choices = 2 if stage == "removal" else len(cfg.shrinkage.ratios)
     probe.close()
     settings = stage_settings(
-        stage, cfg.search, cfg.stage(stage), config, units, choices, cfg.seed, job.log_name
-    )
+        stage, cfg.search, cfg.stage(stage), config, units, choices, cfg.seed, job.log_name,
+        cfg.rollout_timeout_s(stage),
+    )  # fmt: skip
     monitor = StageMonitor(stage, job.log, job.run_dir, job.clock, job.console, job.tracker)
     job.say(
         f"[bold]{stage}[/]: {cfg.search.algo} with a {cfg.search.policy} policy over {units} units, "

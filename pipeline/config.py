@@ -11,6 +11,7 @@ naming the dotted key (``removal.iterations``) before any Ray work starts. Prese
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -157,8 +158,10 @@ class SearchConfig(_Section):
     env_runners: PositiveInt = Field(
         1, description="RLlib env runners = children evaluated at once."
     )
-    sample_timeout_s: float = Field(
-        3600.0, gt=0, description="Longest wait for one rollout; must exceed a child's evaluation."
+    sample_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest wait for one iteration's rollouts; None sizes it from distill.timeout_s.",
     )
     evaluator: str = Field(
         "pipeline.evaluator:KDEvaluator", description="Import path of the child evaluator class."
@@ -315,12 +318,27 @@ class RunConfig(_Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @model_validator(mode="after")
-    def _some_stage(self) -> RunConfig:
+    def _consistent(self) -> RunConfig:
         if not (self.removal.enabled or self.shrinkage.enabled):
             raise ValueError(
                 "removal.enabled and shrinkage.enabled are both false: enable at least one stage"
             )
+        timeout = self.search.sample_timeout_s
+        if timeout is not None and timeout < self.distill.timeout_s:
+            raise ValueError(
+                f"search.sample_timeout_s={timeout:g} is shorter than distill.timeout_s="
+                f"{self.distill.timeout_s:g}: RLlib would drop episodes of slow children; raise it "
+                "or leave it unset"
+            )
         return self
+
+    def rollout_timeout_s(self, stage: str) -> float:
+        """RLlib's ``sample_timeout_s`` for a stage: ``search.sample_timeout_s``, or long enough
+        for every child an env runner evaluates in one iteration to use its whole timeout."""
+        if self.search.sample_timeout_s is not None:
+            return self.search.sample_timeout_s
+        per_runner = math.ceil(self.stage(stage).episodes_per_iteration / self.search.env_runners)
+        return per_runner * (2 * self.distill.timeout_s + 60)
 
     def stage(self, name: str) -> StageConfig:
         """The ``removal`` or ``shrinkage`` section."""

@@ -286,6 +286,7 @@ def stage_settings(
     choices: int,
     seed: int,
     log_name: str,
+    sample_timeout_s: float,
 ) -> dict[str, Any]:
     """The JSON-able settings of one stage trial (Tune's ``param_space``).
 
@@ -298,6 +299,7 @@ def stage_settings(
         choices: choices per unit (2 for removal, the number of ratios for shrinkage).
         seed: the run's seed.
         log_name: name of the run's :class:`ChildLog` actor.
+        sample_timeout_s: RLlib's wait for one iteration's rollouts (``RunConfig.rollout_timeout_s``).
     """
     return {
         "stage": stage,
@@ -305,7 +307,7 @@ def stage_settings(
         "policy": search.policy,
         "hidden": search.hidden,
         "env_runners": search.env_runners,
-        "sample_timeout_s": search.sample_timeout_s,
+        "sample_timeout_s": sample_timeout_s,
         "iterations": stage_cfg.iterations,
         "episodes_per_iteration": stage_cfg.episodes_per_iteration,
         "lr": stage_cfg.lr,

@@ -100,6 +100,7 @@ def sweep(
                 choices,
                 variant.seed,
                 job.log_name,
+                variant.rollout_timeout_s(stage),
             )
             variant_settings.append({**settings, "label": label})
         scheduler = None

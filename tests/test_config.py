@@ -149,3 +149,13 @@ def test_every_field_is_documented() -> None:
 
     walk(RunConfig)
     assert validate_config({}).name == "demo"
+
+
+def test_rollout_timeout_covers_every_child_a_runner_evaluates() -> None:
+    cfg = load_config("demo", ["distill.timeout_s=100", "search.env_runners=2"])
+    # 5 episodes on 2 runners: 3 children in a row, each allowed the evaluator's hard timeout.
+    assert cfg.rollout_timeout_s("removal") == 3 * (2 * 100 + 60)
+    fixed = load_config("demo", ["search.sample_timeout_s=9999"])
+    assert fixed.rollout_timeout_s("removal") == 9999
+    with pytest.raises(ConfigError, match="search.sample_timeout_s=10 is shorter than distill"):
+        load_config("demo", ["search.sample_timeout_s=10", "distill.timeout_s=100"])
