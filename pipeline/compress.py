@@ -105,20 +105,28 @@ def init_ray(cfg: RunConfig) -> bool:
 
 
 def check_resources(cfg: RunConfig) -> None:
-    """Fails when the cluster cannot hold one stage trial plus one child task at once."""
+    """Fails when a local cluster cannot hold one stage trial plus one child task at once.
+
+    A joined cluster (``ray.address``) may autoscale, so there a shortfall is only a warning.
+    """
     have = ray.cluster_resources()
     need_cpu = RUNNER_CPUS * (1 + cfg.search.env_runners) + cfg.ray.cpus_per_child
+    problems = []
     if have.get("CPU", 0) + 1e-9 < need_cpu:
-        raise ValueError(
+        problems.append(
             f"the Ray cluster has {have.get('CPU', 0):g} CPUs but a search with "
             f"{cfg.search.env_runners} env runners and ray.cpus_per_child={cfg.ray.cpus_per_child:g} "
             f"needs {need_cpu:g}; lower ray.cpus_per_child or search.env_runners"
         )
     if cfg.ray.gpus_per_child > have.get("GPU", 0):
-        raise ValueError(
+        problems.append(
             f"ray.gpus_per_child={cfg.ray.gpus_per_child:g} but the cluster has "
             f"{have.get('GPU', 0):g} GPUs; set ray.gpus_per_child=0 to train children on CPUs"
         )
+    if problems and not cfg.ray.address:
+        raise ValueError(problems[0])
+    for problem in problems:
+        logger.warning("%s (waiting for the cluster to scale up)", problem)
 
 
 def load_splits(cfg: RunConfig) -> Any:

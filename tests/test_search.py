@@ -137,6 +137,21 @@ def test_sweep_variants_validate_every_combination() -> None:
         sweeps.sweep_variants(load_config("demo"))
 
 
+def test_a_cluster_too_small_for_one_child_is_named(ray_cluster, tmp_path: Path, capsys) -> None:
+    code = _run(
+        [
+            "run",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--no-tracking",
+            "--set",
+            "ray.cpus_per_child=4",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "has 2 CPUs" in err and "needs 4.5" in err and "\n" not in err
+
+
 # --------------------------------------------------------------------------- slow
 
 
