@@ -203,12 +203,16 @@ def resnet34(**kw: Any) -> CifarResNet:
     return CifarResNet([3, 4, 6, 3], **kw)
 
 
-def vgg11(**kw: Any) -> VGG:
-    return VGG(_VGG_CFGS["vgg11"], **kw)
+def vgg11(
+    num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int = 32
+) -> VGG:
+    return VGG(_VGG_CFGS["vgg11"], num_classes, in_channels, width, image_size)
 
 
-def vgg16(**kw: Any) -> VGG:
-    return VGG(_VGG_CFGS["vgg16"], **kw)
+def vgg16(
+    num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int = 32
+) -> VGG:
+    return VGG(_VGG_CFGS["vgg16"], num_classes, in_channels, width, image_size)
 
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
