@@ -210,7 +210,8 @@ def make_tracker(cfg: RunConfig) -> Any:
         return None
     from pipeline.tracking import Tracker
 
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.registry_name)
+    registry_name = cfg.tracking.registry_name or f"n2n-{cfg.name}"
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, registry_name)
     tracker.check_reachable()
     return tracker
 

@@ -257,7 +257,8 @@ class TrackingConfig(_Section):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
     experiment: str = Field("n2n", min_length=1, description="MLflow experiment name.")
     registry_name: str | None = Field(
-        None, description="Register the final student under this model name."
+        None,
+        description="Registered model name of the final student; None means n2n-<config name>.",
     )
 
 
