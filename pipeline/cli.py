@@ -10,6 +10,7 @@ exits 1 with one line; Ctrl+C exits 130 and says how to resume.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -247,16 +248,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     splits = compress.load_splits(cfg)
     tracker = make_tracker(cfg)
     console = _console(args.quiet)
-    status = "FAILED"
-    try:
+    with tracker or contextlib.nullcontext():  # closes the MLflow run FINISHED/FAILED/KILLED
         summary = compress.run(cfg, resume=resume, console=console, tracker=tracker, splits=splits)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if tracker is not None:
-            tracker.close(status)
     out = Console(highlight=False)
     out.print(summary_table(summary))
     out.print(f"run directory: {cfg.output.run_dir}")
@@ -304,18 +297,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _quiet_ray(args.verbose)
     splits = compress.load_splits(cfg)
     tracker = make_tracker(cfg)
-    status = "FAILED"
-    try:
+    with tracker or contextlib.nullcontext():  # closes the MLflow run FINISHED/FAILED/KILLED
         table = sweeps.sweep(
             cfg, variants, console=_console(args.quiet), tracker=tracker, splits=splits
         )
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if tracker is not None:
-            tracker.close(status)
     Console(highlight=False).print(sweeps.sweep_table(table))
     return 0
 

@@ -22,6 +22,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -443,3 +444,31 @@ def _model_device(model: nn.Module) -> torch.device:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def payload_tensors(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a training payload fetched from Ray's object store, without copies.
+
+    Object-store arrays are read-only; training only reads them, so PyTorch's warning about
+    non-writable arrays is silenced rather than paid for with a copy.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: torch.from_numpy(v) for k, v in payload.items() if isinstance(v, np.ndarray)}
+
+
+def distill_payload(
+    student: nn.Module, payload: dict[str, Any], cfg: DistillConfig, deadline: float | None = None
+) -> DistillResult:
+    """:func:`distill` on the training and validation data of an object-store payload."""
+    data = payload_tensors(payload)
+    return distill(
+        student,
+        data["train_x"],
+        data["train_y"],
+        data["teacher_logits"],
+        data["val_x"],
+        data["val_y"],
+        cfg,
+        deadline=deadline,
+    )

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from pipeline.cache import (
 from pipeline.distill import (
     ChildTimeoutError,
     DistillConfig,
-    distill,
+    distill_payload,
     evaluate_accuracy,
     measure_latency,
     teacher_logits,
@@ -442,19 +441,7 @@ def train_child(
     deadline = started + timeout_s if timeout_s is not None else None
     try:
         torch.set_num_threads(num_threads)
-        with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes them
-            warnings.simplefilter("ignore", UserWarning)
-            data = {k: torch.from_numpy(v) for k, v in payload.items() if isinstance(v, np.ndarray)}
-        result = distill(
-            model,
-            data["train_x"],
-            data["train_y"],
-            data["teacher_logits"],
-            data["val_x"],
-            data["val_y"],
-            cfg,
-            deadline=deadline,
-        )
+        result = distill_payload(model, payload, cfg, deadline=deadline)
         extra: dict[str, Any] = {
             "initial_accuracy": result.initial_accuracy,
             "train_time_s": result.train_time_s,

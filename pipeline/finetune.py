@@ -34,21 +34,10 @@ def _finetune_task(
     threads: int,
 ) -> dict[str, Any]:
     """Distils one student with the fine-tuning budget; returns its weights and accuracies."""
-    from pipeline.distill import distill, evaluate_accuracy
+    from pipeline.distill import distill_payload, evaluate_accuracy
 
     torch.set_num_threads(threads)
-    data = {
-        k: torch.as_tensor(np.array(v)) for k, v in payload.items() if isinstance(v, np.ndarray)
-    }
-    result = distill(
-        model,
-        data["train_x"],
-        data["train_y"],
-        data["teacher_logits"],
-        data["val_x"],
-        data["val_y"],
-        cfg,
-    )
+    result = distill_payload(model, payload, cfg)
     test_acc = evaluate_accuracy(model.cpu(), torch.as_tensor(test[0]), torch.as_tensor(test[1]))
     return {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
