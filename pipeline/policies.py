@@ -153,7 +153,19 @@ class _UnitPolicyNet(nn.Module):
         return torch.stack(actions, dim=1), logits
 
 
-class UnitLSTMModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI):
+class _PolicyTargetNetwork(TargetNetworkAPI):
+    """APPO's target network: a frozen copy of the module's policy net ``self._pi``."""
+
+    @override(TargetNetworkAPI)
+    def make_target_networks(self) -> None:
+        self._old_pi = make_target_network(self._pi)
+
+    @override(TargetNetworkAPI)
+    def get_target_network_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self._pi, self._old_pi)]
+
+
+class UnitLSTMModule(TorchRLModule, ValueFunctionAPI, _PolicyTargetNetwork):
     """N2N's unit-wise policy for a ``MultiDiscrete([k] * n)`` action over addressed units.
 
     ``model_config``: ``hidden`` (LSTM size, default 64), ``autoregressive`` (default False),
@@ -248,14 +260,6 @@ class UnitLSTMModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI):
         return self._values(self._vf_encoder(batch[Columns.OBS]))
 
     @override(TargetNetworkAPI)
-    def make_target_networks(self) -> None:
-        self._old_pi = make_target_network(self._pi)
-
-    @override(TargetNetworkAPI)
-    def get_target_network_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self._pi, self._old_pi)]
-
-    @override(TargetNetworkAPI)
     def forward_target(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = self._score(self._old_pi, batch)
         return {TARGET_NETWORK_ACTION_DIST_INPUTS: out[Columns.ACTION_DIST_INPUTS]}
@@ -282,7 +286,7 @@ class _StepNet(nn.Module):
         return out, self.head(out), {"h": h.squeeze(0), "c": c.squeeze(0)}
 
 
-class StepLSTMModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI):
+class StepLSTMModule(TorchRLModule, ValueFunctionAPI, _PolicyTargetNetwork):
     """Recurrent policy over env steps for the sequential shrinkage mode (``Discrete(k)``).
 
     The env marks the unit being decided in its ``cursor`` column and writes earlier choices
@@ -325,14 +329,6 @@ class StepLSTMModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI):
         if embeddings is None:
             embeddings, _, _ = self._pi(batch[Columns.OBS], batch[Columns.STATE_IN])
         return self._vf(embeddings).squeeze(-1)
-
-    @override(TargetNetworkAPI)
-    def make_target_networks(self) -> None:
-        self._old_pi = make_target_network(self._pi)
-
-    @override(TargetNetworkAPI)
-    def get_target_network_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self._pi, self._old_pi)]
 
     @override(TargetNetworkAPI)
     def forward_target(self, batch: dict[str, Any]) -> dict[str, Any]:
