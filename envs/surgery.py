@@ -157,7 +157,8 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 # --- shrinkage ---------------------------------------------------------------------------
 
 
-def _dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.DependencyGraph:
+def dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, traced in eval mode (statistics kept)."""
     was = model.training
     model.eval()
     try:
@@ -166,6 +167,11 @@ def _dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.Depend
         )
     finally:
         model.train(was)
+
+
+def pruning_group(dg: tp.DependencyGraph, module: nn.Module, idxs: Iterable[int]) -> tp.Group:
+    """The coupled group that removes output channels ``idxs`` of ``module`` everywhere."""
+    return dg.get_pruning_group(module, _out_pruner(dg, module), sorted(idxs))
 
 
 def _out_pruner(dg: tp.DependencyGraph, module: nn.Module):  # noqa: ANN202
@@ -180,12 +186,10 @@ def channel_groups(
 
     Groups that include the network output (the classifier's classes) are left out.
     """
-    dg = dg or _dependency_graph(model, arch.input_shape)
+    dg = dg or dependency_graph(model, arch.input_shape)
     names = {m: n for n, m in model.named_modules()}
     unit_of = {mod: u.name for u in arch.units for mod in u.modules}
-    output_layers = {
-        u.modules[0] for u in arch.units if u.why_not and u.why_not.startswith("classifier")
-    }
+    output_layers = set(classifier_layers(arch))
     seen: set[str] = set()
     groups: list[ChannelGroup] = []
     for unit in arch.units:
@@ -213,21 +217,32 @@ def channel_groups(
     return groups
 
 
+def classifier_layers(arch: Architecture) -> list[str]:
+    """Module paths of the layers whose outputs are the network's outputs (the classes)."""
+    return [u.modules[0] for u in arch.units if u.why_not and u.why_not.startswith("classifier")]
+
+
 def _unit_order(arch: Architecture):  # noqa: ANN202
     order = {u.name: i for i, u in enumerate(arch.units)}
     return lambda name: order[name]
 
 
-def channel_importance(group: Any, dg: tp.DependencyGraph, kind: str = "l1") -> torch.Tensor:
+def channel_importance(
+    group: Any, dg: tp.DependencyGraph, kind: str = "l1", reduction: str = "sum"
+) -> torch.Tensor:
     """Importance of each channel of a coupled group, in the root layer's channel order.
 
     ``"l1"`` sums the L1 norms of the output filters of every conv/linear layer in the group
     (the filter-norm criterion of Li et al., extended to coupled layers); ``"bn"`` sums the
-    absolute BatchNorm scales, as Network Slimming does.
+    absolute BatchNorm scales, as Network Slimming does. ``reduction="mean"`` averages over
+    the group's layers instead, so that scores of groups with more layers stay comparable.
     """
     if kind not in IMPORTANCE:
         raise ValueError(f"unknown importance {kind!r}: use one of {list(IMPORTANCE)}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"unknown reduction {reduction!r}: use 'sum' or 'mean'")
     total: torch.Tensor | None = None
+    count = 0
     for dep, idxs in group:
         module = dep.target.module
         if not dg.is_out_channel_pruning_fn(dep.handler):
@@ -241,11 +256,12 @@ def channel_importance(group: Any, dg: tp.DependencyGraph, kind: str = "l1") -> 
             continue
         score = score[torch.as_tensor(list(idxs), dtype=torch.long)]
         total = score if total is None else total + score
+        count += 1
     if total is None:
         raise ValueError(
             f"importance {kind!r} found no {'BatchNorm' if kind == 'bn' else 'conv/linear'} layer in the group"
         )
-    return total
+    return total / count if reduction == "mean" else total
 
 
 def kept_channels(channels: int, ratio: float, min_channels: int) -> int:
@@ -274,7 +290,7 @@ def shrink(
             raise ValueError(f"unit {name!r} does not exist; units are {list(units)}")
     if all(float(r) == 1.0 for r in ratios.values()):
         return gm
-    dg = _dependency_graph(gm, input_shape)
+    dg = dependency_graph(gm, input_shape)
     groups = channel_groups(gm, arch, dg)
     owned = {g.unit for g in groups}
     for name in ratios:
@@ -313,7 +329,7 @@ def set_channels(
     """
     gm = copy.deepcopy(trace(model))
     arch = describe(gm, input_shape, count_flops=False)
-    dg = _dependency_graph(gm, input_shape)
+    dg = dependency_graph(gm, input_shape)
     groups = {g.owner: g for g in channel_groups(gm, arch, dg)}
     for owner, n in channels.items():
         if owner not in groups:
@@ -356,19 +372,34 @@ def make_child(
     child = remove_units(model, remove, input_shape)
     if ratios:
         child = shrink(child, ratios, input_shape, min_channels=min_channels, importance=importance)
+    return child, spec_of(child, {**spec, "removed": sorted(set(spec["removed"]) | set(remove))})
+
+
+def spec_of(model: nn.Module, parent_spec: dict[str, Any]) -> dict[str, Any]:
+    """The canonical spec of ``model``, a channel-pruned copy of ``parent_spec``'s network.
+
+    The removed units are the parent's; ``channels`` lists the groups whose width differs
+    from the base network's after those removals, read from ``model`` itself.
+
+    Args:
+        model: the network to describe; it must have the parent's units (nothing more removed).
+        parent_spec: the spec of the network ``model`` was pruned from; its ``channels`` are
+            not used.
+    """
+    spec = canonical(parent_spec)
     child_spec = {
         "format": SPEC_FORMAT,
         "base": spec["base"],
-        "removed": sorted(set(spec["removed"]) | set(remove)),
+        "removed": spec["removed"],
         "channels": {},
     }
     reference = _unshrunk_channels(json.dumps(canonical(child_spec), sort_keys=True))
     child_spec["channels"] = {
         owner: n
-        for owner, n in current_channels(child, input_shape).items()
+        for owner, n in current_channels(model, spec["base"]["input_shape"]).items()
         if n != reference[owner]
     }
-    return child, canonical(child_spec)
+    return canonical(child_spec)
 
 
 @functools.lru_cache(maxsize=64)
