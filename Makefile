@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := dataset-fashion-mnist chromium chromium-driver
 
-.PHONY: demo test lint system-deps bench clean
+.PHONY: demo test lint system-deps bench compare compare-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/child_eval.py
+
+## The head-to-head benchmark on Fashion-MNIST (N2N PPO/APPO, random, classic compressors).
+compare: $(STAMP) system-deps
+	$(BIN)/python benchmarks/compare.py
+
+## The same on digits with tiny budgets (minutes).
+compare-quick: $(STAMP)
+	$(BIN)/python benchmarks/compare.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs mlruns mlflow.db

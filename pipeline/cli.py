@@ -1,4 +1,4 @@
-"""The ``n2n`` command line: ``run``, ``teacher`` and ``sweep``.
+"""The ``n2n`` command line: ``run``, ``teacher``, ``baseline`` and ``sweep``.
 
 Everything that can be checked without Ray is checked first: the config (preset, ``--set``
 overrides and flags), the run directory, the teacher checkpoint, the dataset, the evaluator's
@@ -109,6 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(teacher)
     teacher.add_argument("--out", help="checkpoint folder; default runs/teacher-<dataset>-<arch>")
 
+    baseline = commands.add_parser(
+        "baseline", help="a classic compressor at the same budgets, for comparison"
+    )
+    baseline.add_argument(
+        "method", choices=["l1-unstructured", "slimming", "structured-l1", "kd-student", "random"],
+        help="l1-unstructured: magnitude pruning sweep; slimming: Network Slimming; structured-l1: "
+        "Torch-Pruning group L1 channel pruning; kd-student: a small zoo net trained by KD; "
+        "random: random search with the RL search's child budget",
+    )  # fmt: skip
+    _config_flags(baseline)
+    baseline.add_argument(
+        "--params", type=int, action="append", metavar="N",
+        help="parameter budget (repeatable; baseline.params); default teacher/10 and teacher/20",
+    )  # fmt: skip
+    baseline.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (tracking.uri); default sqlite:///mlflow.db"
+    )
+    baseline.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    baseline.add_argument(
+        "--register", action="store_true", help="register the best student (baseline.register_best)"
+    )
+
     sweep = commands.add_parser("sweep", help="several search trials (grid over config keys), ASHA")
     _config_flags(sweep)
     _search_flags(sweep)
@@ -139,6 +161,10 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         out.append("removal.enabled=false")
     if getattr(args, "skip_shrinkage", False):
         out.append("shrinkage.enabled=false")
+    if getattr(args, "params", None):
+        out.append(f"baseline.params={list(args.params)}")
+    if getattr(args, "register", False):
+        out.append("baseline.register_best=true")
     return out
 
 
@@ -205,13 +231,16 @@ def check_run(cfg: RunConfig, resume: bool) -> None:
         ) from None
 
 
-def make_tracker(cfg: RunConfig) -> Any:
-    """An MLflow tracker that has been checked to work, or None when tracking is off."""
+def make_tracker(cfg: RunConfig, register: bool = True) -> Any:
+    """An MLflow tracker that has been checked to work, or None when tracking is off.
+
+    ``register=False`` gives a tracker that logs a student without registering it.
+    """
     if not cfg.tracking.enabled:
         return None
     from pipeline.tracking import Tracker
 
-    registry_name = cfg.tracking.registry_name or f"n2n-{cfg.name}"
+    registry_name = (cfg.tracking.registry_name or f"n2n-{cfg.name}") if register else None
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, registry_name)
     tracker.check_reachable()
     return tracker
@@ -279,6 +308,34 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pipeline import baselines, compress
+    from pipeline.progress import summary_table
+
+    cfg = load_config(args.preset or DEFAULT_PRESET, [*args.overrides, *flag_overrides(args)])
+    if cfg.output.run_dir is None:
+        cfg = cfg.model_copy(update={"name": f"{cfg.name}-{args.method}"})
+    cfg = cfg.resolve_paths()
+    args.run_dir_resolved = cfg.output.run_dir
+    check_run(cfg, resume=False)
+    _quiet_ray(args.verbose)
+    splits = compress.load_splits(cfg)
+    tracker = make_tracker(cfg, register=cfg.baseline.register_best)
+    with tracker or contextlib.nullcontext():  # closes the MLflow run FINISHED/FAILED/KILLED
+        summary = baselines.run_baseline(
+            cfg, args.method, console=_console(args.quiet), tracker=tracker, splits=splits
+        )
+    out = Console(highlight=False)
+    if args.method == "random":
+        out.print(summary_table(summary))
+    else:
+        out.print(baselines.records_table(summary))
+    out.print(f"run directory: {cfg.output.run_dir}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -305,7 +362,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "teacher": cmd_teacher, "sweep": cmd_sweep}
+COMMANDS = {"run": cmd_run, "teacher": cmd_teacher, "sweep": cmd_sweep, "baseline": cmd_baseline}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -224,6 +224,63 @@ class FinetuneConfig(_Section):
     top_k: PositiveInt = Field(3, description="Distinct students fine-tuned, by search reward.")
     steps: PositiveInt = Field(1000, description="KD optimizer steps per fine-tuned student.")
     lr: float = Field(0.01, gt=0, description="Fine-tuning learning rate.")
+    schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="Fine-tuning learning-rate schedule (cosine decays it to zero)."
+    )
+
+
+class BaselineConfig(_Section):
+    """The classic compressors of ``n2n baseline METHOD`` (see ``pipeline.baselines``).
+
+    Every method ends with the fine-tuning budget of ``finetune`` (steps and learning rate),
+    with the KD loss of ``distill``, so methods compare at equal training cost.
+    """
+
+    amounts: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+        min_length=1,
+        description="l1-unstructured: shares of conv/linear weights zeroed, one student each.",
+    )
+    scope: Literal["global", "layer"] = Field(
+        "global", description="l1-unstructured: one global magnitude threshold, or per layer."
+    )
+    finetune: bool = Field(
+        True, description="KD fine-tuning after pruning (finetune.steps); false scores as pruned."
+    )
+    compression: list[Annotated[float, Field(gt=1)]] = Field(
+        default_factory=lambda: [10.0, 20.0],
+        description="Parameter budgets as compression factors: teacher params / factor each.",
+    )
+    params: list[PositiveInt] = Field(
+        default_factory=list, description="Parameter budgets as absolute counts (added to those)."
+    )
+    mode: Literal["uniform", "global"] = Field(
+        "global", description="structured-l1: the same ratio for every layer, or a global ranking."
+    )
+    sparsity_steps: int = Field(
+        200, ge=0, description="slimming: KD steps with an L1 penalty on BatchNorm gammas first."
+    )
+    sparsity_l1: float = Field(
+        1e-4, ge=0, description="slimming: coefficient of the L1 penalty on BatchNorm gammas."
+    )
+    round_factor: Fraction = Field(
+        0.5, description="slimming: share of parameters each pruning round keeps, to the budget."
+    )
+    round_steps: PositiveInt | None = Field(
+        None, description="slimming: KD steps after each intermediate round; None = distill.steps."
+    )
+    student_arch: str = Field(
+        "resnet18", description="kd-student: zoo architecture whose width is fitted to the budget."
+    )
+    register_best: bool = Field(
+        False, description="Register the method's best student in the MLflow model registry."
+    )
+
+    def targets(self, teacher_params: int) -> list[int]:
+        """Parameter budgets, largest first: ``params`` and ``teacher_params / compression``."""
+        budgets = {int(p) for p in self.params}
+        budgets |= {max(1, int(teacher_params / c)) for c in self.compression}
+        return sorted(budgets, reverse=True)
 
 
 class RayConfig(_Section):
@@ -317,6 +374,7 @@ class RunConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 LOSSES = ("kd", "l2")
 OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,6 +69,9 @@ class DistillConfig:
     momentum: float = 0.9
     """SGD momentum (ignored by Adam)."""
     weight_decay: float = 0.0
+    schedule: str = "constant"
+    """Learning rate over the steps: ``"constant"``, or ``"cosine"`` decay to zero (for the
+    longer fine-tuning, where it is worth about a point of accuracy at equal steps)."""
     batch_size: int = 128
     seed: int = 0
     """Seeds the batch order and any random initialisation: equal seeds give equal children."""
@@ -85,6 +89,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"distill loss {self.loss!r} is not one of {LOSSES}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"distill schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"distill optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.steps is not None and self.steps < 1:
@@ -341,6 +347,11 @@ def distill(
     _check_deadline(deadline, 0)
 
     optimizer = _make_optimizer(student, cfg)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+        if cfg.schedule == "cosine"
+        else None
+    )
     amp_dtype = _amp_dtype(device) if cfg.amp and cuda else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     check_every = 1 if not cuda else 25  # a finiteness check syncs the GPU: do it sparingly there
@@ -385,6 +396,8 @@ def distill(
             else:
                 loss.backward()
                 optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             step += 1
 
             recent.append(loss.detach())

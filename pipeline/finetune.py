@@ -26,19 +26,38 @@ logger = logging.getLogger(__name__)
 
 
 @ray.remote
-def _finetune_task(
+def train_student_task(
     payload: dict[str, Any],
     model: nn.Module,
     cfg: Any,
-    test: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray] | None,
     threads: int,
+    bn_l1: float = 0.0,
 ) -> dict[str, Any]:
-    """Distils one student with the fine-tuning budget; returns its weights and accuracies."""
+    """Distils one student (``cfg``'s budget); returns its weights and accuracies.
+
+    Args:
+        payload: training/validation data and teacher logits from the object store.
+        model: the student, holding the weights it starts from.
+        cfg: a ``pipeline.distill.DistillConfig``.
+        test: test images and labels, measured once after training; None skips the test.
+        threads: PyTorch threads (the task's CPUs).
+        bn_l1: Network Slimming's sparsity term: every BatchNorm scale's gradient gets
+            ``bn_l1 * sign(gamma)`` added, the subgradient of ``bn_l1 * sum |gamma|``.
+    """
     from pipeline.distill import distill_payload, evaluate_accuracy
 
     torch.set_num_threads(threads)
+    if bn_l1 > 0:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                weight = module.weight
+                weight.register_hook(lambda grad, w=weight: grad + bn_l1 * torch.sign(w.detach()))
     result = distill_payload(model, payload, cfg)
-    test_acc = evaluate_accuracy(model.cpu(), torch.as_tensor(test[0]), torch.as_tensor(test[1]))
+    test_acc = None
+    if test is not None:
+        x, y = torch.as_tensor(test[0]), torch.as_tensor(test[1])
+        test_acc = evaluate_accuracy(model.cpu(), x, y)
     return {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "val_accuracy": result.accuracy,
@@ -53,14 +72,38 @@ def _payload(job: Any) -> Any:
     existing = getattr(job.evaluator_instance, "payload", None)
     if isinstance(existing, ray.ObjectRef):
         return existing
+    return training_payload(job.splits, job.teacher.model)
+
+
+def training_payload(splits: Any, teacher: nn.Module) -> ray.ObjectRef:
+    """Puts the training and validation data and the teacher's logits in the object store."""
     from pipeline.distill import teacher_logits
 
-    x, y = job.splits.train
+    x, y = splits.train
     return ray.put({
         "train_x": x.numpy(), "train_y": y.numpy(),
-        "val_x": job.splits.val[0].numpy(), "val_y": job.splits.val[1].numpy(),
-        "teacher_logits": teacher_logits(job.teacher.model, x).numpy(),
+        "val_x": splits.val[0].numpy(), "val_y": splits.val[1].numpy(),
+        "teacher_logits": teacher_logits(teacher, x).numpy(),
     })  # fmt: skip
+
+
+def finetune_settings(cfg: Any, steps: int | None = None) -> Any:
+    """The distillation settings of the final training: ``distill`` with ``finetune``'s budget.
+
+    Every method (search students and classic baselines alike) is trained with these, so
+    they compare at equal cost; ``steps`` overrides the budget (e.g. a pruning round's).
+    """
+    from pipeline.distill import DistillConfig
+
+    return DistillConfig.from_dict(
+        cfg.distill.as_kwargs(
+            cfg.seed,
+            steps=steps or cfg.finetune.steps,
+            lr=cfg.finetune.lr,
+            schedule=cfg.finetune.schedule,
+            measure_initial=False,
+        )
+    )
 
 
 def top_candidates(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
@@ -89,21 +132,15 @@ def finetune(
     Returns:
         One metrics dict per fine-tuned student; the final one has ``best: True``.
     """
-    from pipeline.distill import DistillConfig
-
     cfg = job.cfg
-    settings = DistillConfig.from_dict(
-        cfg.distill.as_kwargs(
-            cfg.seed, steps=cfg.finetune.steps, lr=cfg.finetune.lr, measure_initial=False
-        )
-    )
+    settings = finetune_settings(cfg)
     payload = _payload(job)
     test = ray.put((job.splits.test[0].numpy(), job.splits.test[1].numpy()))
     job.say(
         f"[bold]fine-tuning[/] {len(candidates)} students for {cfg.finetune.steps} KD steps each"
     )
     refs = [
-        _finetune_task.options(
+        train_student_task.options(
             num_cpus=cfg.ray.cpus_per_child,
             num_gpus=cfg.ray.gpus_per_child,
             scheduling_strategy="DEFAULT",

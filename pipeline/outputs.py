@@ -153,11 +153,13 @@ class RunDir:
         return front
 
     def write_table(self, name: str, rows: list[dict[str, Any]]) -> None:
-        """Writes ``rows`` (dicts with the same keys) as a CSV file in the run directory."""
+        """Writes ``rows`` as a CSV file in the run directory; columns are every key, in order
+        of first appearance (a failed record has fewer keys than a good one)."""
         if not rows:
             return
+        columns = list(dict.fromkeys(k for r in rows for k in r))
         with self.file(name).open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             writer.writerows({k: _cell(v, k) for k, v in r.items()} for r in rows)
 

@@ -246,7 +246,7 @@ def stage_trainable(config: dict[str, Any]) -> None:
     env_config = dict(settings["env_config"])
     env_config[TRIAL_KEY] = tune.get_context().get_trial_id() or ""
     if settings["algo"] == "random":
-        from pipeline.baselines import random_search
+        from pipeline.random_search import random_search
 
         random_search(settings, env_config)
         return

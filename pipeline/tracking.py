@@ -416,6 +416,55 @@ class Tracker:
             self._log_plots(summary)
             return self._log_student(student, student_spec, summary, example_inputs)
 
+    def log_baseline(self, run_dir: str | Path, summary: Mapping[str, Any]) -> None:
+        """Logs a classic method's students (``n2n baseline``): metrics, table, plot, files.
+
+        Each student record becomes step ``index`` of ``student/params``,
+        ``student/nonzero_params``, ``student/accuracy`` (test), ``student/val_accuracy`` and
+        ``compression/ratio``; all records go to ``results.json``, the summary to
+        ``summary.json`` and the accuracy/size plot to ``plots/pareto.png``.
+        """
+        keys = {
+            "params": "student/params", "nonzero_params": "student/nonzero_params",
+            "test_accuracy": "student/accuracy", "val_accuracy": "student/val_accuracy",
+            "compression": "compression/ratio",
+        }  # fmt: skip
+        records = [dict(r) for r in summary.get("records", [])]
+        with self._lock:
+            self._require_run()
+            metrics = [
+                Metric(name, float(r[key]), _now_ms(), int(r.get("index", i)))
+                for i, r in enumerate(records)
+                for key, name in keys.items()
+                if _finite(r.get(key))
+            ]
+            self._call(lambda: self.client.log_batch(self.run_id, metrics), "log the students")
+            rows = [{k: _cell(v) for k, v in r.items()} for r in records]
+            self._call(lambda: self._log_table(rows, "results.json"), "log results.json")
+            self._call(
+                lambda: self.client.log_dict(self.run_id, dict(summary), "summary.json"),
+                "log summary.json",
+            )
+            for name in ("students.csv", "summary.json"):
+                path = Path(run_dir) / name
+                if path.is_file():
+                    self._call(
+                        lambda p=path: self.client.log_artifact(self.run_id, str(p), "run"),
+                        f"log {name}",
+                    )
+            teacher = {**self._teacher, **summary.get("teacher", {})}
+            teacher["accuracy"] = _accuracy(teacher)
+            points = [
+                {"name": r.get("label"), "params": r.get("params"), "accuracy": _accuracy(r)}
+                for r in records
+                if not r.get("error")
+            ]
+            fig = plots.pareto_figure(teacher, [], [], points)
+            self._call(
+                lambda: self.client.log_figure(self.run_id, fig, "plots/pareto.png"),
+                "log plots/pareto.png",
+            )
+
     def close(self, status: str = "FINISHED") -> None:
         """Sends what is still pending, then ends open stage runs and the parent with ``status``."""
         with self._lock:

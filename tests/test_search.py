@@ -22,10 +22,10 @@ from envs.env import RemovalEnv, ShrinkageEnv
 from envs.evaluation import SyntheticEvaluator
 from envs.spec import load_checkpoint
 from pipeline import sweeps
-from pipeline.baselines import random_episode
 from pipeline.config import load_config
 from pipeline.outputs import RunDir, pareto
 from pipeline.progress import iteration_stats, summary_table
+from pipeline.random_search import random_episode
 from pipeline.search import child_row
 
 REPO = Path(__file__).resolve().parent.parent
