@@ -23,6 +23,8 @@ sequential shrinkage, whose ``keep_ratio`` / ``cursor`` columns show the choices
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from envs.costs import model_costs
 from envs.evaluation import Child, ChildResult, load_evaluator
 from envs.graph import COL
 from envs.models import build_model
-from envs.rewards import FAILED_REWARD, ChildScore, make_reward
+from envs.rewards import FAILED_REWARD, ChildScore, RewardFn, make_reward
 from envs.spec import arch_hash, build_from_spec, canonical, load_checkpoint, teacher_spec
 from envs.surgery import DEFAULT_RATIOS, IMPORTANCE, analyze, make_child, validate_ratio
 
@@ -62,6 +64,20 @@ def load_network(source: Any, what: str = "teacher") -> tuple[nn.Module, dict[st
         f"{what} {source!r} must be a checkpoint folder, a student spec or an architecture "
         "spec {'arch', 'kwargs', 'input_shape'}"
     )
+
+
+def reward_at(
+    reward_fn: RewardFn, template: ChildScore, accuracy: float, latency_s: float | None = None
+) -> float:
+    """The reward of the child ``template`` describes at ``accuracy`` (and measured latency).
+
+    Bound with ``functools.partial`` to a child's reward and costs, it is the child's
+    ``Child.reward_at``: a plain module-level function, so it pickles into a Ray task.
+    """
+    changes: dict[str, Any] = {"accuracy": float(accuracy)}
+    if latency_s is not None:
+        changes["latency_s"] = latency_s
+    return float(reward_fn(dataclasses.replace(template, **changes)))
 
 
 class _ChildEnv(gym.Env):
@@ -111,6 +127,7 @@ class _ChildEnv(gym.Env):
                 costs.flops,
                 costs.size_bytes,
                 self.stage,
+                reward_at=functools.partial(reward_at, self.reward_fn, self._template(costs)),
             )
             info.update(spec=spec, arch_hash=child.arch_hash, **costs.as_dict())
             info["compression"] = 1.0 - costs.params / self.teacher_costs.params
@@ -131,15 +148,8 @@ class _ChildEnv(gym.Env):
             info["error"] = result.error or f"evaluator returned accuracy {result.accuracy!r}"
             info["reward"] = FAILED_REWARD
             return FAILED_REWARD, info
-        score = ChildScore(
-            accuracy=float(result.accuracy),
-            teacher_accuracy=self.teacher_accuracy,
-            params=info["params"],
-            teacher_params=self.teacher_costs.params,
-            flops=info["flops"],
-            teacher_flops=self.teacher_costs.flops,
-            latency_s=result.latency_s,
-            teacher_latency_s=self.teacher_latency_s,
+        score = dataclasses.replace(
+            self._template(costs), accuracy=float(result.accuracy), latency_s=result.latency_s
         )
         try:
             reward = float(self.reward_fn(score))
@@ -148,6 +158,18 @@ class _ChildEnv(gym.Env):
             reward = FAILED_REWARD
         info["reward"] = reward
         return reward, info
+
+    def _template(self, costs: Any) -> ChildScore:
+        """What the reward sees of a child with ``costs``, before its accuracy is known."""
+        return ChildScore(
+            accuracy=0.0,
+            teacher_accuracy=self.teacher_accuracy,
+            params=costs.params,
+            teacher_params=self.teacher_costs.params,
+            flops=costs.flops,
+            teacher_flops=self.teacher_costs.flops,
+            teacher_latency_s=self.teacher_latency_s,
+        )
 
     @staticmethod
     def _check_action(action: Any, nvec: np.ndarray, what: str) -> list[int]:

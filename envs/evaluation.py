@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -31,6 +32,11 @@ class Child:
     size_bytes: int
     stage: str = ""
     """``"removal"`` or ``"shrinkage"``: which search produced it."""
+    reward_at: Callable[..., float] | None = None
+    """The reward this child would get at a given validation accuracy, called as
+    ``reward_at(accuracy)`` or ``reward_at(accuracy, latency_s=...)`` once its latency is
+    measured; non-decreasing in accuracy, and picklable. It lets an evaluator stop a child
+    whose reward cannot matter (see ``pipeline.fidelity``); None where the env did not set it."""
 
 
 @dataclass

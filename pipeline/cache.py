@@ -9,12 +9,18 @@ results across runs, so a resumed or repeated run reuses them.
 Besides finished results the cache remembers evaluations *in flight*: a second env runner
 asking for an architecture another one is training waits for that training (it gets the
 producer's ``ObjectRef``) instead of starting its own.
+
+It also keeps the run's *leaderboard*, the rewards of children trained to their full KD
+budget, which early stopping (``pipeline.fidelity``) compares a child in training against.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -42,6 +48,8 @@ class RewardCache:
     def __init__(self, path: str | Path | None = None) -> None:
         self._done: dict[str, dict[str, Any]] = {}
         self._pending: dict[str, list[Any]] = {}
+        self._board: dict[str, float] = {}
+        self._anonymous = itertools.count()
         self.hits = self.misses = self.joined = 0
         self._db: sqlite3.Connection | None = None
         self.path = str(path) if path else None
@@ -107,6 +115,28 @@ class RewardCache:
     def release(self, key: str) -> None:
         """Forgets an evaluation in flight whose result is not worth keeping (e.g. a timeout)."""
         self._pending.pop(key, None)
+
+    def offer(self, reward: float, key: str | None = None) -> None:
+        """Enters the reward of a child trained to its full budget into the leaderboard.
+
+        Only full-budget rewards belong here: a child stopped early has only a lower bound.
+        ``key`` (the architecture hash) keeps one entry per architecture, its best reward, so
+        that a child evaluated twice does not take two of the top-k places; the leaderboard
+        lives in memory only, so after a resume it starts empty (cache hits refill it) and
+        early stopping is the more cautious for it. Non-finite rewards are ignored.
+        """
+        if not math.isfinite(reward):
+            return
+        key = key if key is not None else f"#{next(self._anonymous)}"
+        self._board[key] = max(float(reward), self._board.get(key, -math.inf))
+
+    def kth_best(self, k: int) -> float | None:
+        """The k-th best reward in the leaderboard, or None while it holds fewer than ``k``."""
+        if k < 1:
+            raise ValueError(f"k {k!r} must be >= 1")
+        if len(self._board) < k:
+            return None
+        return heapq.nlargest(k, self._board.values())[-1]
 
     def stats(self) -> dict[str, Any]:
         """Counters: ``hits`` (served without training, joins included), ``misses`` (trainings

@@ -194,8 +194,17 @@ def make_evaluator(
         "num_gpus": cfg.ray.gpus_per_child,
         "timeout_s": cfg.distill.timeout_s,
         "cache_path": str(run_dir.file("cache.sqlite")),
+        "early_stop": cfg.distill.early_stop_kwargs(cfg.finetune.top_k),
+        "val_subset": cfg.distill.val_subset,
         **cfg.search.evaluator_kwargs,
     }
+    latency_budget = cfg.reward.name == "constrained" and "latency" in cfg.reward.budgets
+    if kwargs["early_stop"] and latency_budget:
+        logger.warning(
+            "distill.early_stop is off: a latency budget needs each child's latency, which is "
+            "measured only after its training"
+        )
+        kwargs["early_stop"] = None
     instance = KDEvaluator(**kwargs).prepare()
     return (path, instance.config()), instance
 
@@ -412,6 +421,13 @@ def _summary(
     teacher = {k: job.teacher.facts[k] for k in (*keys, "arch")}
     best = next(s for s in students if s.get("best"))
     student = {k: best[k] for k in (*keys, "arch_hash", "stage", "reward", "compression")}
+    # The record every method reports (see pipeline.baselines): a search student is dense.
+    student |= {
+        "nonzero_params": student["params"],
+        "delta": student["test_accuracy"] - teacher["test_accuracy"],
+        "child_evaluations": len(rows),
+        "wall_time_s": round(wall, 1),
+    }
     instance = job.evaluator_instance
     cache = instance.cache_stats() if hasattr(instance, "cache_stats") else {}
     return {

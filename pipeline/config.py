@@ -119,11 +119,43 @@ class DistillConfig(_Section):
     timeout_s: float = Field(
         1800.0, gt=0, description="A child training longer fails with reward -1."
     )
+    channels_last: bool = Field(
+        True, description="Channels-last memory format for image batches (faster on CPU and GPU)."
+    )
+    early_stop: bool = Field(
+        False,
+        description="Stop a child at a checkpoint once a learning-curve bound says it cannot "
+        "reach the top-k (finetune.top_k) by reward; its reward is then a lower bound.",
+    )
+    checkpoints: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.25, 0.5],
+        min_length=1,
+        description="Fractions of the steps at which early stopping measures accuracy.",
+    )
+    early_stop_slack: float = Field(
+        0.01, ge=0, description="Accuracy added to the early-stop bound, against noise."
+    )
+    val_subset: PositiveInt | None = Field(
+        None,
+        description="Score search children on this many validation images (a fixed sample); "
+        "None uses all. Fine-tuned students are always scored on all of them.",
+    )
 
     def as_kwargs(self, seed: int, **overrides: Any) -> dict[str, Any]:
         """Fields of ``pipeline.distill.DistillConfig``."""
-        values = self.model_dump(exclude={"timeout_s"})
+        early = {"early_stop", "checkpoints", "early_stop_slack", "val_subset"}
+        values = self.model_dump(exclude={"timeout_s", *early})
         return {**values, "seed": seed, **overrides}
+
+    def early_stop_kwargs(self, top_k: int) -> dict[str, Any] | None:
+        """The evaluator's ``early_stop`` settings (``pipeline.fidelity.EarlyStop``), or None."""
+        if not self.early_stop:
+            return None
+        return {
+            "checkpoints": list(self.checkpoints),
+            "top_k": top_k,
+            "slack": self.early_stop_slack,
+        }
 
 
 class RewardConfig(_Section):
@@ -382,6 +414,15 @@ class RunConfig(_Section):
             raise ValueError(
                 "removal.enabled and shrinkage.enabled are both false: enable at least one stage"
             )
+        runners = self.search.env_runners
+        for name in ("removal", "shrinkage"):
+            episodes = self.stage(name).episodes_per_iteration
+            if self.search.algo == "ppo" and runners > 1 and episodes % runners:
+                raise ValueError(
+                    f"{name}.episodes_per_iteration={episodes} is not a multiple of "
+                    f"search.env_runners={runners}: PPO splits each batch evenly between env "
+                    "runners; change one of them"
+                )
         timeout = self.search.sample_timeout_s
         if timeout is not None and timeout < self.distill.timeout_s:
             raise ValueError(

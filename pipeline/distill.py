@@ -23,7 +23,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +80,9 @@ class DistillConfig:
     amp: bool = True
     """Mixed precision (bfloat16, or float16 with loss scaling) when on CUDA; ignored on CPU."""
     channels_last: bool = True
-    """Channels-last memory format when on CUDA; ignored on CPU."""
+    """Channels-last memory format for image batches (4-D inputs), on CUDA and on CPU alike:
+    a CPU training step (1 thread, batch 128) measured 1.0-1.8x faster than NCHW across the
+    zoo, shrunk children with odd channel counts included, and never slower."""
     measure_initial: bool = False
     """Also score the child before training (recorded as ``initial_accuracy``): a diagnostic
     that costs one more pass over the validation data, so off by default."""
@@ -120,6 +122,14 @@ class DistillConfig:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def total_steps(self, train_examples: int) -> int:
+        """The optimizer steps one child takes on a training split of ``train_examples``."""
+        n_used = max(1, round(train_examples * self.data_fraction))
+        if self.steps is not None:
+            return self.steps
+        batches_per_epoch = n_used // min(self.batch_size, n_used)
+        return max(1, math.ceil(self.epochs * batches_per_epoch))
+
     def fingerprint(self) -> str:
         """A short hash of every field that can change a child's accuracy."""
         values = self.as_dict()
@@ -146,8 +156,13 @@ class DistillResult:
     wall_time_s: float
     """Whole call: setup, both evaluations and training."""
     train_time_s: float
-    """The optimisation loop alone."""
+    """The optimisation loop, with its checkpoint measurements (if any)."""
     device: str
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    """``(step, validation accuracy)`` at each checkpoint reached (see :func:`distill`)."""
+    stopped_early: bool = False
+    """Training stopped at a checkpoint: ``accuracy`` is the last measured one, a lower bound
+    of the full budget's if accuracy does not fall with training."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -282,8 +297,15 @@ def distill(
     *,
     teacher: nn.Module | None = None,
     deadline: float | None = None,
+    checkpoints: Sequence[int] = (),
+    on_checkpoint: Callable[[int, float], bool] | None = None,
 ) -> DistillResult:
     """Trains ``student`` in place to match the teacher, then scores it on the validation data.
+
+    At each of ``checkpoints`` the validation accuracy is measured too (in eval mode, without
+    touching the training's random state, so training goes on exactly as it would without
+    it) and added to the result's ``curve``; when ``on_checkpoint(step, accuracy)`` returns
+    True, training stops there and that accuracy is the result's.
 
     Args:
         student: the child, already holding the teacher's surviving weights.
@@ -294,6 +316,8 @@ def distill(
         cfg: budget, loss and optimiser; defaults to :class:`DistillConfig`'s defaults.
         teacher: the teacher network, needed only when ``teacher_logits`` is None.
         deadline: a ``time.perf_counter()`` value; passing it raises :class:`ChildTimeoutError`.
+        checkpoints: step numbers in ``[1, total steps)`` after which accuracy is measured.
+        on_checkpoint: called with each checkpoint's step and accuracy; True stops training.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (the child diverged).
@@ -317,7 +341,8 @@ def distill(
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
-    memory_format = torch.channels_last if cuda and cfg.channels_last else torch.preserve_format
+    images = train_x.dim() == 4
+    memory_format = torch.channels_last if images and cfg.channels_last else torch.preserve_format
     student.to(device=device, memory_format=memory_format)
     if teacher is not None:
         teacher.eval().to(device=device, memory_format=memory_format)
@@ -327,9 +352,15 @@ def distill(
     subset = torch.randperm(n, generator=generator)[:n_used].sort().values
     batch = min(cfg.batch_size, n_used)
     batches_per_epoch = n_used // batch
-    total_steps = (
-        cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * batches_per_epoch))
-    )
+    total_steps = cfg.total_steps(n)
+    checkpoint_steps = set(checkpoints)
+    if any(not 1 <= s < total_steps for s in checkpoint_steps):
+        raise ValueError(
+            f"checkpoints {sorted(checkpoint_steps)} must be steps in [1, {total_steps}) "
+            "(the final step is always measured)"
+        )
+    curve: list[tuple[int, float]] = []
+    stopped = False
 
     # Gather the child's subset once (no copy when it is everything); on CUDA it moves to the
     # device in one copy.
@@ -403,19 +434,28 @@ def distill(
             recent.append(loss.detach())
             if len(recent) > 20:
                 recent.pop(0)
-            if step % check_every == 0 or step == total_steps:
+            checkpoint = step in checkpoint_steps
+            if step % check_every == 0 or step == total_steps or checkpoint:
                 if not torch.isfinite(loss).item():
                     raise NonFiniteLossError(
                         f"distillation loss became {loss.item()} at step {step} of {total_steps} "
                         f"(lr {cfg.lr}, optimizer {cfg.optimizer}); lower the learning rate"
                     )
                 _check_deadline(deadline, step)
-            if step >= total_steps:
+            if checkpoint:
+                curve.append((step, evaluate_accuracy(student, val_x, val_y, cfg.eval_batch_size)))
+                stopped = on_checkpoint is not None and bool(on_checkpoint(*curve[-1]))
+            if step >= total_steps or stopped:
                 break
+        if stopped:
+            break
     _sync(device)
     train_time = time.perf_counter() - train_start
 
-    accuracy = evaluate_accuracy(student, val_x, val_y, cfg.eval_batch_size)
+    if stopped:
+        accuracy = curve[-1][1]
+    else:
+        accuracy = evaluate_accuracy(student, val_x, val_y, cfg.eval_batch_size)
     return DistillResult(
         accuracy=accuracy,
         initial_accuracy=initial,
@@ -426,6 +466,8 @@ def distill(
         wall_time_s=time.perf_counter() - start,
         train_time_s=train_time,
         device=str(device),
+        curve=curve,
+        stopped_early=stopped,
     )
 
 
@@ -471,7 +513,12 @@ def payload_tensors(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def distill_payload(
-    student: nn.Module, payload: dict[str, Any], cfg: DistillConfig, deadline: float | None = None
+    student: nn.Module,
+    payload: dict[str, Any],
+    cfg: DistillConfig,
+    deadline: float | None = None,
+    checkpoints: Sequence[int] = (),
+    on_checkpoint: Callable[[int, float], bool] | None = None,
 ) -> DistillResult:
     """:func:`distill` on the training and validation data of an object-store payload."""
     data = payload_tensors(payload)
@@ -484,4 +531,6 @@ def distill_payload(
         data["val_y"],
         cfg,
         deadline=deadline,
+        checkpoints=checkpoints,
+        on_checkpoint=on_checkpoint,
     )

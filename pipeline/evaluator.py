@@ -14,6 +14,11 @@ placement group (where they would wait forever). A child that fails for any reas
 exception, a NaN loss, CUDA out of memory, its timeout) comes back as
 ``ChildResult(error="ErrorClass: message")`` and the env scores it -1. Tasks lost with a dead
 node or worker are retried ``max_retries`` times; errors raised by the child itself are not.
+
+With ``early_stop`` a child is scored at a few checkpoints of its training and stopped once
+its best reachable reward falls below the k-th best full-budget reward so far (the reward
+cache actor keeps that leaderboard; see ``pipeline.fidelity``). A stopped child's result
+says so (``extra["early_stopped"]``) and its accuracy, hence its reward, is a lower bound.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +54,7 @@ from pipeline.distill import (
     measure_latency,
     teacher_logits,
 )
+from pipeline.fidelity import EarlyStop, accuracy_upper_bound, should_stop
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +86,14 @@ class KDEvaluator:
         latency_batch: the larger batch size latency is measured at.
         teacher_accuracy: overrides the measured teacher validation accuracy.
         local: train children in this process instead of as Ray tasks (debugging, no cluster).
+        early_stop: stop hopeless children early (``pipeline.fidelity.EarlyStop`` fields:
+            ``checkpoints``, ``top_k``, ``slack``); needs ``cache`` (the leaderboard lives in
+            the cache actor) and children that carry ``reward_at`` (the envs set it). It does
+            not enter the fingerprint: a stopped child's cached result, a lower bound marked
+            ``early_stopped``, is reused as it is by later runs with or without early stopping.
+        val_subset: score children (and the teacher, for the reward) on this many validation
+            images, a fixed seeded sample, instead of all of them: each score then costs a
+            fraction of the time, at the price of a noisier accuracy. None uses them all.
         payload: set by :meth:`prepare` (an ``ObjectRef`` to the data and teacher logits).
         fingerprint: set by :meth:`prepare` (hash of everything that decides an accuracy).
     """
@@ -99,6 +115,8 @@ class KDEvaluator:
         latency_batch: int = 64,
         teacher_accuracy: float | None = None,
         local: bool = False,
+        early_stop: dict[str, Any] | EarlyStop | None = None,
+        val_subset: int | None = None,
         payload: Any = None,
         fingerprint: str | None = None,
     ) -> None:
@@ -118,6 +136,15 @@ class KDEvaluator:
             raise ValueError(f"timeout_s {timeout_s!r} must be > 0 seconds or None")
         if max_retries < 0:
             raise ValueError(f"max_retries {max_retries!r} must be >= 0")
+        if early_stop is not None and not cache:
+            raise ValueError(
+                "early_stop needs cache=True: the leaderboard it compares children against "
+                "lives in the reward cache"
+            )
+        self.early_stop = EarlyStop.from_dict(early_stop) if early_stop is not None else None
+        if val_subset is not None and val_subset < 1:
+            raise ValueError(f"val_subset {val_subset!r} must be >= 1 images, or None for all")
+        self.val_subset = val_subset
         self.teacher = str(teacher) if isinstance(teacher, Path) else teacher
         self.dataset = {"name": dataset} if isinstance(dataset, str) else dict(dataset)
         self.distill_config = DistillConfig.from_dict(distill)
@@ -160,6 +187,11 @@ class KDEvaluator:
         from pipeline.teachers import load_teacher
 
         splits = load_dataset(**self.dataset)
+        val_x, val_y = splits.val
+        if self.val_subset is not None and self.val_subset < len(val_y):
+            generator = torch.Generator().manual_seed(int(self.dataset.get("seed", 0)))
+            keep = torch.randperm(len(val_y), generator=generator)[: self.val_subset].sort().values
+            val_x, val_y = val_x[keep], val_y[keep]
         if isinstance(self.teacher, nn.Module):
             teacher = self.teacher
         else:
@@ -172,7 +204,7 @@ class KDEvaluator:
                 f"has {splits.num_classes} classes; use a teacher trained on it"
             )
         if self._teacher_accuracy is None:
-            self._teacher_accuracy = evaluate_accuracy(teacher.cpu(), *splits.val)
+            self._teacher_accuracy = evaluate_accuracy(teacher.cpu(), val_x, val_y)
         logger.info(
             "teacher logits for %d examples in %.2fs; teacher val accuracy %.4f",
             len(logits),
@@ -182,8 +214,8 @@ class KDEvaluator:
         payload = {
             "train_x": splits.train[0].numpy(),
             "train_y": splits.train[1].numpy(),
-            "val_x": splits.val[0].numpy(),
-            "val_y": splits.val[1].numpy(),
+            "val_x": val_x.numpy(),
+            "val_y": val_y.numpy(),
             "teacher_logits": logits.numpy(),
             "input_shape": tuple(splits.input_shape),
         }
@@ -225,6 +257,8 @@ class KDEvaluator:
             "latency_batch": self.latency_batch,
             "teacher_accuracy": self._teacher_accuracy,
             "local": self.local,
+            "early_stop": self.early_stop.as_dict() if self.early_stop else None,
+            "val_subset": self.val_subset,
             "payload": self.payload,
             "fingerprint": self.fingerprint,
         }
@@ -277,13 +311,14 @@ class KDEvaluator:
                 status, value = self._cache_call(cache, "lookup", key)
                 if status == HIT:
                     results[i] = _from_cached(value, started)
+                    self._offer_cached(cache, child, results[i])
                     continue
                 if status == PENDING:
                     refs[key] = (value[0], False)
                     waiting[key] = [i]
                     continue
             try:
-                ref = self._submit(child)
+                ref = self._submit(child, cache)
             except Exception as err:  # e.g. the child cannot be serialised
                 results[i] = _error_result(err, started)
                 continue
@@ -295,6 +330,7 @@ class KDEvaluator:
                         ray.cancel(ref)
                     if status == HIT:
                         results[i] = _from_cached(value, started)
+                        self._offer_cached(cache, child, results[i])
                         continue
                     ref, ours = value[0], False
             refs[key] = (ref, ours)
@@ -319,13 +355,17 @@ class KDEvaluator:
     def _key(self, child: Child) -> str:
         return f"{child.arch_hash}-{self.fingerprint}"
 
-    def _submit(self, child: Child) -> Any:
+    def _submit(self, child: Child, cache: Any) -> Any:
+        plan = None
+        if self.early_stop is not None and child.reward_at is not None and cache is not None:
+            plan = StopPlan(self.early_stop, cache, child.reward_at, child.arch_hash)
         args = (
             child.model,
             self.distill_config,
             self.timeout_s,
             self.latency_batch if self.measure_latency else None,
             max(1, int(self.num_cpus)),
+            plan,
         )
         if self.local:
             return ("local", self._local_payload, args)
@@ -393,9 +433,15 @@ class KDEvaluator:
         return self._cache_handle
 
     def _cache_call(self, cache: Any, method: str, *args: Any) -> Any:
-        if isinstance(cache, RewardCache):
-            return getattr(cache, method)(*args)
-        return ray.get(getattr(cache, method).remote(*args))
+        return _call(cache, method, *args)
+
+    def _offer_cached(self, cache: Any, child: Child, result: ChildResult) -> None:
+        """Enters a cached full-budget result into the leaderboard (it is empty after a resume)."""
+        if self.early_stop is None or child.reward_at is None or result.failed:
+            return
+        if result.extra.get("early_stopped"):
+            return
+        StopPlan(self.early_stop, cache, child.reward_at, child.arch_hash).offer_result(result)
 
     def _resolved_cache_name(self) -> str:
         return self.cache_name or f"{DEFAULT_CACHE_NAME}-{self.fingerprint}"
@@ -423,6 +469,68 @@ class KDEvaluator:
         return state
 
 
+@dataclass(frozen=True)
+class StopPlan:
+    """What one child's task needs for early stopping; pickles into the Ray task."""
+
+    settings: EarlyStop
+    leaderboard: Any
+    """The reward cache: a :class:`RewardCache` in local mode, else its actor handle."""
+    reward_at: Callable[..., float]
+    """The child's reward at a given accuracy (``envs.evaluation.Child.reward_at``)."""
+    key: str
+    """The child's architecture hash: one leaderboard entry per architecture."""
+
+    def kth_best(self) -> float | None:
+        return _call(self.leaderboard, "kth_best", self.settings.top_k)
+
+    def offer_result(self, result: ChildResult) -> None:
+        """Enters a full-budget result's reward into the leaderboard; never raises."""
+        try:
+            if result.latency_s is None:
+                reward = self.reward_at(result.accuracy)
+            else:
+                reward = self.reward_at(result.accuracy, latency_s=result.latency_s)
+            _call(self.leaderboard, "offer", reward, self.key)
+        except Exception as err:  # a lost leaderboard only means less stopping
+            logger.warning("could not offer child %s to the leaderboard: %s", self.key, err)
+
+
+class _CheckpointRule:
+    """The ``on_checkpoint`` callback of one child: stops it when it cannot reach the top-k."""
+
+    def __init__(self, plan: StopPlan, total_steps: int) -> None:
+        self.plan, self.total_steps = plan, total_steps
+        self.steps = plan.settings.checkpoint_steps(total_steps)
+        self.curve: list[tuple[int, float]] = []
+        self.kth_best: float | None = None
+
+    def __call__(self, step: int, accuracy: float) -> bool:
+        self.curve.append((step, accuracy))
+        try:
+            self.kth_best = self.plan.kth_best()
+            return should_stop(
+                self.curve, self.total_steps, self.plan.reward_at, self.kth_best, self.plan.settings
+            )
+        except Exception as err:  # e.g. a latency budget, unknown before training ends
+            logger.warning("child %s not stopped at step %d: %s", self.plan.key, step, err)
+            return False
+
+    def record(self, stopped: bool) -> dict[str, Any]:
+        """The ``ChildResult.extra`` entries that say how the child's training ended."""
+        curve = [[s, a] for s, a in self.curve]
+        if not stopped:
+            return {"early_stopped": False, "curve": curve}
+        bound = accuracy_upper_bound(self.curve, self.total_steps, self.plan.settings.slack)
+        return {
+            "early_stopped": True,
+            "reward_bound": "lower",
+            "curve": curve,
+            "accuracy_upper_bound": bound,
+            "kth_best": self.kth_best,
+        }
+
+
 def train_child(
     payload: dict[str, Any],
     model: nn.Module,
@@ -430,18 +538,31 @@ def train_child(
     timeout_s: float | None,
     latency_batch: int | None,
     num_threads: int,
+    plan: StopPlan | None = None,
 ) -> ChildResult:
     """Distils one child from the payload's teacher logits and scores it; never raises.
 
     This is the body of the Ray task (also called directly in local mode). Errors come back as
     ``ChildResult.error = "ErrorClass: message"``; those that depend on the machine's load
-    rather than on the child (timeouts, out of memory) are marked not cacheable.
+    rather than on the child (timeouts, out of memory) are marked not cacheable. With a
+    ``plan`` the child may stop early (its accuracy then a lower bound); a child trained to
+    its full budget enters its reward into the leaderboard.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     deadline = started + timeout_s if timeout_s is not None else None
     try:
         torch.set_num_threads(num_threads)
-        result = distill_payload(model, payload, cfg, deadline=deadline)
+        rule = None
+        if plan is not None:
+            rule = _CheckpointRule(plan, cfg.total_steps(len(payload["train_y"])))
+        result = distill_payload(
+            model,
+            payload,
+            cfg,
+            deadline=deadline,
+            checkpoints=rule.steps if rule else (),
+            on_checkpoint=rule,
+        )
         extra: dict[str, Any] = {
             "initial_accuracy": result.initial_accuracy,
             "train_time_s": result.train_time_s,
@@ -456,13 +577,18 @@ def train_child(
             latency = timings[1]
             extra["latency_batch_s"] = timings[latency_batch]
             extra["latency_batch"] = latency_batch
-        return ChildResult(
+        if rule is not None:
+            extra.update(rule.record(result.stopped_early))
+        scored = ChildResult(
             accuracy=result.accuracy,
             wall_time_s=time.perf_counter() - started,
             kd_steps=result.steps,
             latency_s=latency,
             extra=extra,
         )
+        if plan is not None and not result.stopped_early:
+            plan.offer_result(scored)
+        return scored
     except ChildTimeoutError as err:
         return ChildResult(
             error=f"ChildTimeoutError: exceeded the per-child timeout of {timeout_s:g} s ({err})",
@@ -483,6 +609,13 @@ def train_child(
 def _child_task(payload: dict[str, Any], *args: Any) -> ChildResult:
     """The Ray task: Ray resolves ``payload`` from the object store (zero-copy for arrays)."""
     return train_child(payload, *args)
+
+
+def _call(cache: Any, method: str, *args: Any) -> Any:
+    """Calls a cache method on the object itself (local mode) or on its Ray actor."""
+    if isinstance(cache, RewardCache):
+        return getattr(cache, method)(*args)
+    return ray.get(getattr(cache, method).remote(*args))
 
 
 def _error_result(err: BaseException, started: float) -> ChildResult:

@@ -70,9 +70,14 @@ def train_student_task(
 def _payload(job: Any) -> Any:
     """Training data and teacher logits in the object store (the evaluator's, when it has them)."""
     existing = getattr(job.evaluator_instance, "payload", None)
-    if isinstance(existing, ray.ObjectRef):
+    if not isinstance(existing, ray.ObjectRef):
+        return training_payload(job.splits, job.teacher.model)
+    if getattr(job.evaluator_instance, "val_subset", None) is None:
         return existing
-    return training_payload(job.splits, job.teacher.model)
+    # The search scored children on a validation subset; students are scored on all of it.
+    data = ray.get(existing)
+    val_x, val_y = job.splits.val
+    return ray.put({**data, "val_x": val_x.numpy(), "val_y": val_y.numpy()})
 
 
 def training_payload(splits: Any, teacher: nn.Module) -> ray.ObjectRef:

@@ -9,6 +9,7 @@
       cache.sqlite      the reward cache: a resumed run trains no child twice
       children.csv      every child: stage, episode, action, arch_hash, params, flops,
                         compression, accuracy, reward, wall_time_s, cache_hit, error, ...
+                        (early_stopped: accuracy and reward are lower bounds)
       iterations.csv    per search iteration: episodes sampled vs expected, reward stats
       pareto.csv        children no other child beats on both params and accuracy
       removal_best/     stage 1's best child (teacher weights), where stage 2 starts
@@ -30,7 +31,7 @@ from typing import Any
 CHILD_COLUMNS = (
     "stage", "episode", "iteration", "trial", "action", "arch_hash", "params", "flops",
     "size_bytes", "compression", "accuracy", "reward", "wall_time_s", "cache_hit", "error",
-    "kd_steps", "removed", "ratios", "spec",
+    "kd_steps", "early_stopped", "removed", "ratios", "spec",
 )  # fmt: skip
 ITERATION_COLUMNS = (
     "stage", "trial", "iteration", "episodes", "episodes_expected", "rl_episodes",
@@ -93,7 +94,7 @@ def _parse(value: str, column: str) -> Any:
         return int(float(value))
     if column in _FLOAT_COLUMNS:
         return float(value)
-    if column == "cache_hit":
+    if column in ("cache_hit", "early_stopped"):
         return value == "True"
     return value
 
@@ -174,7 +175,10 @@ class RunDir:
         if not rows:
             return
         path = self.file(name)
-        new = not path.is_file()
+        new = not path.is_file() or path.stat().st_size == 0
+        if not new:  # keep the header of a file written by an older version (on resume)
+            with path.open(newline="") as fh:
+                columns = tuple(next(csv.reader(fh), None) or columns)
         with path.open("a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             if new:

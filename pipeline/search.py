@@ -80,6 +80,8 @@ def child_row(info: dict[str, Any]) -> dict[str, Any]:
         "reward", "wall_time_s", "cache_hit", "error", "kd_steps", "removed", "ratios", "spec",
     )  # fmt: skip
     row = {k: info.get(k) for k in keys}
+    # Stopped early by pipeline.fidelity: accuracy and reward are then lower bounds.
+    row["early_stopped"] = bool(info.get("extra_early_stopped", False))
     row["action"] = [int(a) for a in (row["action"] or [])]
     for key in ("compression", "accuracy", "reward", "wall_time_s"):
         if row[key] is not None:
