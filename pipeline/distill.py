@@ -221,12 +221,12 @@ def teacher_logits(
     step whenever the student is much smaller than it.
     """
     device = resolve_device(device)
-    was_training = teacher.training
+    was_training, home = teacher.training, _model_device(teacher)
     teacher.eval().to(device)
     try:
         outs = [teacher(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)]
-    finally:
-        teacher.train(was_training)
+    finally:  # the caller's teacher stays where it was: surgery on it traces on the CPU
+        teacher.train(was_training).to(home)
     return torch.cat(outs) if outs else torch.empty(0)
 
 
