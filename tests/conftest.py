@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray cluster per test session, quiet and small."""
+"""Shared fixtures: one real local Ray cluster per test session, quiet and small; digits and a
+small teacher trained on them once per session."""
 
 from __future__ import annotations
 
@@ -28,3 +29,32 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits split as the demo preset splits them (20% validation, seed 0), so
+    that numbers measured here match what ``n2n`` commands on the demo config report."""
+    from pipeline.data import load_dataset
+
+    return load_dataset("digits", val_fraction=0.2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher_dir(digits, tmp_path_factory):
+    """A small_cnn (width 0.5) teacher trained 8 epochs on digits, as a checkpoint folder."""
+    import torch
+
+    from pipeline.teachers import TeacherConfig, train_teacher
+
+    out = tmp_path_factory.mktemp("digits-teacher")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # two cores shared with Ray workers
+    try:
+        train_teacher(
+            {"arch": "small_cnn", "kwargs": {"width": 0.5}}, digits, TeacherConfig(epochs=8),
+            out_dir=out,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    return out

@@ -11,36 +11,18 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from envs import compressors
 from envs.spec import load_checkpoint
-from pipeline.data import load_dataset
 from pipeline.distill import evaluate_accuracy
 from pipeline.outputs import RunDir
-from pipeline.teachers import TeacherConfig, train_teacher
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", val_fraction=0.2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(digits, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two cores shared with Ray workers
-    try:
-        train_teacher(
-            {"arch": "small_cnn", "kwargs": {"width": 0.5}}, digits, TeacherConfig(epochs=6),
-            out_dir=out,
-        )  # fmt: skip
-    finally:
-        torch.set_num_threads(before)
-    return out
+def teacher_dir(digits_teacher_dir) -> Path:
+    return digits_teacher_dir
 
 
 def _baseline(ray_cluster, teacher_dir: Path, run_dir: Path, method: str, *extra: str) -> dict:

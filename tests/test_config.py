@@ -156,10 +156,17 @@ def test_every_field_is_documented() -> None:
 
 
 def test_rollout_timeout_covers_every_child_a_runner_evaluates() -> None:
-    cfg = load_config("demo", ["distill.timeout_s=100", "search.env_runners=2"])
+    cfg = load_config("demo", ["distill.timeout_s=100", "search.env_runners=2", "search.algo=appo"])
     # 5 episodes on 2 runners: 3 children in a row, each allowed the evaluator's hard timeout.
     assert cfg.rollout_timeout_s("removal") == 3 * (2 * 100 + 60)
     fixed = load_config("demo", ["search.sample_timeout_s=9999"])
     assert fixed.rollout_timeout_s("removal") == 9999
     with pytest.raises(ConfigError, match="search.sample_timeout_s=10 is shorter than distill"):
         load_config("demo", ["search.sample_timeout_s=10", "distill.timeout_s=100"])
+
+
+def test_a_ppo_batch_that_cannot_split_between_env_runners_is_refused() -> None:
+    # RLlib's PPO would refuse it only once Ray and Tune are up; here it is one line.
+    with pytest.raises(ConfigError, match="shrinkage.episodes_per_iteration=5 is not a multiple"):
+        load_config("demo", ["search.env_runners=2", "removal.episodes_per_iteration=4"])
+    assert load_config("demo", ["search.env_runners=5"]).search.env_runners == 5

@@ -25,12 +25,11 @@ from envs.spec import arch_hash
 from envs.surgery import make_child
 from pipeline.cache import RewardCache
 from pipeline.config import DistillConfig as DistillSection
-from pipeline.data import load_dataset
 from pipeline.distill import DistillConfig, distill, teacher_logits
 from pipeline.evaluator import KDEvaluator
 from pipeline.fidelity import EarlyStop, accuracy_upper_bound, should_stop
 from pipeline.search import child_row
-from pipeline.teachers import TeacherConfig, load_teacher, train_teacher
+from pipeline.teachers import load_teacher
 
 TEACHER_ACC = 0.95
 TEACHER_PARAMS = 1_000_000
@@ -185,20 +184,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(digits, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    train_teacher(
-        {"arch": "small_cnn", "kwargs": {"width": 0.5}},
-        digits,
-        TeacherConfig(epochs=8),
-        out_dir=out,
-    )
-    return out
+def teacher_dir(digits_teacher_dir):
+    return digits_teacher_dir
 
 
 @pytest.fixture(scope="module")
