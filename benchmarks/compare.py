@@ -177,10 +177,11 @@ def pareto_figure(rows: list[dict[str, Any]], teacher: dict[str, Any]) -> Any:
     ax = fig.add_subplot()
     markers = dict(zip(METHODS, "o^vsDPX", strict=True))
     for method in METHODS:
+        sparse = method == "l1-unstructured"
         mine = [r for r in rows if r["method"] == method and not r.get("error")]
+        mine.sort(key=lambda r: r["nonzero_params" if sparse else "params"])
         if not mine:
             continue
-        sparse = method == "l1-unstructured"
         xs = [r["nonzero_params" if sparse else "params"] for r in mine]
         ys = [100 * r["test_accuracy"] for r in mine]
         label = method + (" (non-zero params)" if sparse else "")
