@@ -41,11 +41,17 @@ def digits():
 
 
 @pytest.fixture(scope="session")
-def digits_teacher_dir(digits, tmp_path_factory):
-    """A small_cnn (width 0.5) teacher trained 8 epochs on digits, as a checkpoint folder."""
+def digits_teacher_dir(tmp_path_factory):
+    """A small_cnn (width 0.5) teacher trained 8 epochs on digits, as a checkpoint folder.
+
+    It loads its own copy of the data: test modules may override ``digits`` with their split.
+    """
     import torch
 
+    from pipeline.data import load_dataset
     from pipeline.teachers import TeacherConfig, train_teacher
+
+    digits = load_dataset("digits", val_fraction=0.2, seed=0)
 
     out = tmp_path_factory.mktemp("digits-teacher")
     before = torch.get_num_threads()

@@ -25,7 +25,7 @@ from pipeline.distill import (
     measure_latency,
     teacher_logits,
 )
-from pipeline.teachers import TeacherConfig, load_teacher, train_teacher
+from pipeline.teachers import load_teacher
 
 REDUCED = {
     "remove": ["features.6"],
@@ -55,15 +55,8 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def teacher(digits, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    train_teacher(
-        {"arch": "small_cnn", "kwargs": {"width": 0.5}},
-        digits,
-        TeacherConfig(epochs=8),
-        out_dir=out,
-    )
-    return load_teacher(out, digits)
+def teacher(digits, digits_teacher_dir):
+    return load_teacher(digits_teacher_dir, digits)  # trained once per session (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from envs.spec import arch_hash
 from envs.surgery import make_child
 from pipeline.data import load_dataset
 from pipeline.evaluator import KDEvaluator
-from pipeline.teachers import TeacherConfig, load_teacher, train_teacher
+from pipeline.teachers import load_teacher
 
 REDUCED = {
     "remove": ["features.6"],
@@ -40,20 +40,8 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(digits, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two cores shared with Ray workers
-    try:
-        train_teacher(
-            {"arch": "small_cnn", "kwargs": {"width": 0.5}},
-            digits,
-            TeacherConfig(epochs=8),
-            out_dir=out,
-        )
-    finally:
-        torch.set_num_threads(before)
-    return out
+def teacher_dir(digits_teacher_dir):
+    return digits_teacher_dir  # trained once per session (conftest)
 
 
 @pytest.fixture(scope="module")
