@@ -14,11 +14,14 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline import preflight
 from pipeline.config import (
     DEFAULT_PRESET,
     ConfigError,
@@ -30,13 +33,38 @@ from pipeline.config import (
 
 logger = logging.getLogger(__name__)
 
-EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
 RESUME_FLAGS = ("address", "tracking_uri", "no_tracking")
 """Flags that may change on --resume: where the run goes, never what it searches."""
 
 
 class UsageError(ValueError):
     """Bad input found before any Ray work; exit code 2."""
+
+
+class StopOnSigterm:
+    """SIGTERM (a Kubernetes eviction, ``timeout``, ``docker stop``) stops a run like Ctrl+C.
+
+    The signal is handed to the current SIGINT handler: during a search that is Ray Tune's,
+    which stops the trials and saves the experiment; elsewhere Python's, which raises
+    ``KeyboardInterrupt``. Either way the run directory is consistent, open MLflow runs end
+    KILLED and the command exits 143 saying how to resume.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
 
 
 # --------------------------------------------------------------------------- parser
@@ -208,13 +236,17 @@ def _flag_name(attr: str) -> str:
 
 
 def check_run(cfg: RunConfig, resume: bool) -> None:
-    """Everything about a run that can fail before Ray starts."""
+    """Everything about a run that can fail before the data is loaded and Ray starts."""
     run_dir = Path(cfg.output.run_dir or "")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
         raise UsageError(
             f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
             "or choose another --run-dir"
         )
+    preflight.check_writable(run_dir, "run directory", "--run-dir")
+    storage = cfg.output.storage_path or ""
+    if storage and "://" not in storage:
+        preflight.check_writable(storage, "Tune storage", "--storage-path")
     if cfg.teacher.checkpoint is not None:
         folder = Path(cfg.teacher.checkpoint)
         if not ((folder / "spec.json").is_file() and (folder / "weights.pt").is_file()):
@@ -229,6 +261,7 @@ def check_run(cfg: RunConfig, resume: bool) -> None:
         raise UsageError(
             f"search.evaluator {cfg.search.evaluator!r} cannot be imported; use 'package.module:Class'"
         ) from None
+    preflight.check_address(cfg.ray.address)
 
 
 def make_tracker(cfg: RunConfig, register: bool = True) -> Any:
@@ -275,6 +308,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_run(cfg, resume)
     _quiet_ray(args.verbose)
     splits = compress.load_splits(cfg)
+    preflight.check_teacher(cfg, splits)
     tracker = make_tracker(cfg)
     console = _console(args.quiet)
     with tracker or contextlib.nullcontext():  # closes the MLflow run FINISHED/FAILED/KILLED
@@ -322,6 +356,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     check_run(cfg, resume=False)
     _quiet_ray(args.verbose)
     splits = compress.load_splits(cfg)
+    preflight.check_teacher(cfg, splits)
     tracker = make_tracker(cfg, register=cfg.baseline.register_best)
     with tracker or contextlib.nullcontext():  # closes the MLflow run FINISHED/FAILED/KILLED
         summary = baselines.run_baseline(
@@ -353,6 +388,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_run(cfg, resume=False)
     _quiet_ray(args.verbose)
     splits = compress.load_splits(cfg)
+    preflight.check_teacher(cfg, splits)
     tracker = make_tracker(cfg)
     with tracker or contextlib.nullcontext():  # closes the MLflow run FINISHED/FAILED/KILLED
         table = sweeps.sweep(
@@ -368,6 +404,10 @@ COMMANDS = {"run": cmd_run, "teacher": cmd_teacher, "sweep": cmd_sweep, "baselin
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``n2n`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    # Like ``python -m``: a custom builder or evaluator in the current directory is importable
+    # (the console script's sys.path holds only its own bin folder).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -377,6 +417,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Our progress lines replace Tune's status tables; per-iteration checkpoints are intended.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Save Tune's experiment state after every event (it is small): a killed driver then
+    # resumes from the iteration it last recorded instead of one replayed from an older state.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    sigterm = StopOnSigterm()
+    sigterm.install()
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, UsageError) as err:
@@ -385,10 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         where = ""
         run_dir = getattr(args, "resume", None) or _last_run_dir(args)
-        if run_dir:
+        if run_dir and args.command == "run" and (Path(run_dir) / "config.yaml").is_file():
             where = f"; continue with: n2n run --resume {run_dir}"
-        print(f"n2n {args.command}: interrupted{where}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        what = "terminated (SIGTERM)" if sigterm.received else "interrupted"
+        print(f"n2n {args.command}: {what}{where}", file=sys.stderr)
+        return EXIT_TERMINATED if sigterm.received else EXIT_INTERRUPTED
     except ValueError as err:  # bad input found by a library check (dataset, teacher, MLflow ...)
         print(f"n2n {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ from envs.surgery import make_child
 from pipeline.config import RunConfig
 from pipeline.finetune import finetune, top_candidates
 from pipeline.outputs import RunDir, ok
-from pipeline.progress import Clock, StageMonitor
+from pipeline.progress import Clock, StageMonitor, tracked_metrics
 from pipeline.search import ENV_CLASSES, RUNNER_CPUS, STAGES, child_log, run_stage, stage_settings
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ def init_ray(cfg: RunConfig) -> bool:
     """Joins ``ray.address`` or starts a local cluster; returns whether it started Ray."""
     if ray.is_initialized():
         return False
+    before = signal.getsignal(signal.SIGTERM)
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=False)
     else:
@@ -101,6 +104,10 @@ def init_ray(cfg: RunConfig) -> bool:
             include_dashboard=False,
             log_to_driver=False,
         )
+    if callable(before) and threading.current_thread() is threading.main_thread():
+        # ray.init replaces a SIGTERM handler (the CLI's, which stops like Ctrl+C) with one
+        # that exits at once, behind a stack dump: keep the caller's.
+        signal.signal(signal.SIGTERM, before)
     return True
 
 
@@ -316,15 +323,10 @@ def _open_job(
     planned: int,
 ) -> Job:
     """Data, teacher, tracking, evaluator and child log of a run (Ray must be running)."""
-    check_resources(cfg)
     splits = splits if splits is not None else load_splits(cfg)
     teacher = prepare_teacher(cfg, run_dir, splits, console)
     if tracker is not None:
-        stages = [s for s in STAGES if cfg.stage(s).enabled]
-        tracker.start(
-            cfg.model_dump(mode="json"), teacher.facts, dataset=cfg.data.name,
-            tags={"algo": cfg.search.algo, "policy": cfg.search.policy, "stages": ",".join(stages)},
-        )  # fmt: skip
+        _open_tracking(cfg, run_dir, tracker, teacher)
     job = Job(
         cfg=cfg, run_dir=run_dir, splits=splits, teacher=teacher, evaluator=("", {}),
         evaluator_instance=None, console=console, tracker=tracker,
@@ -338,6 +340,40 @@ def _open_job(
         f"val {f['val_accuracy']:.4f}, test {f['test_accuracy']:.4f}"
     )
     return job
+
+
+def _open_tracking(cfg: RunConfig, run_dir: RunDir, tracker: Any, teacher: Teacher) -> None:
+    """Starts the MLflow parent run, or continues the one a resumed run already had."""
+    stages = [s for s in STAGES if cfg.stage(s).enabled]
+    args = (cfg.model_dump(mode="json"), teacher.facts)
+    kwargs = {
+        "dataset": cfg.data.name,
+        "tags": {"algo": cfg.search.algo, "policy": cfg.search.policy, "stages": ",".join(stages)},
+    }
+    earlier = run_dir.state().get("mlflow") or {}
+    if earlier.get("run_id") and earlier.get("uri") == tracker.safe_uri:
+        iterations: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        for row in run_dir.iterations():
+            iterations.setdefault(row["stage"], []).append(
+                (int(row["iteration"]), tracked_metrics(_numbers(row)))
+            )
+        tracker.resume(
+            earlier["run_id"], *args, children=run_dir.children(), iterations=iterations, **kwargs
+        )
+    else:
+        tracker.start(*args, **kwargs)
+    run_dir.remember("mlflow", {"run_id": tracker.run_id, "uri": tracker.safe_uri})
+
+
+def _numbers(row: dict[str, str]) -> dict[str, Any]:
+    """An ``iterations.csv`` row with its numeric cells as floats."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            out[key] = value
+    return out
 
 
 def _release(job: Job | None) -> None:
@@ -365,14 +401,18 @@ def run(
     """
     started = time.monotonic()
     run_dir = RunDir(cfg.output.run_dir)
-    if not resume:
-        run_dir.write_config(cfg.to_yaml())
-    elif run_dir.done("finetune") and run_dir.file("summary.json").is_file():
-        logger.info("run %s is complete; nothing to resume", run_dir.path)
-        return run_dir.summary()
+    if resume:
+        if run_dir.done("finetune") and run_dir.file("summary.json").is_file():
+            logger.info("run %s is complete; nothing to resume", run_dir.path)
+            return run_dir.summary()
+        if dropped := run_dir.drop_uncommitted():
+            logger.info("dropped %d child records of an uncommitted iteration", dropped)
     owns_ray = init_ray(cfg)
     job: Job | None = None
     try:
+        check_resources(cfg)
+        if not resume:  # the run directory exists once the run could start
+            run_dir.write_config(cfg.to_yaml())
         planned = sum(cfg.stage(s).iterations for s in STAGES if cfg.stage(s).enabled)
         job = _open_job(cfg, run_dir, console, tracker, splits, planned)
         all_rows: list[dict[str, Any]] = []

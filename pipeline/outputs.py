@@ -127,6 +127,12 @@ class RunDir:
         entry = self.state().get(step)
         return entry if entry and entry.get("done") else None
 
+    def remember(self, key: str, value: Any) -> None:
+        """Stores a JSON-able fact in ``state.json`` (the MLflow run id a resume continues)."""
+        state = self.state()
+        state[key] = value
+        self._write_json("state.json", state)
+
     # -- tables -------------------------------------------------------------------------
     def append_children(self, rows: list[dict[str, Any]]) -> None:
         self._append("children.csv", CHILD_COLUMNS, rows)
@@ -134,6 +140,40 @@ class RunDir:
     def children(self, stage: str | None = None) -> list[dict[str, Any]]:
         rows = self._read("children.csv")
         return [r for r in rows if stage is None or r["stage"] == stage]
+
+    def committed(self, stage: str) -> dict[str, int]:
+        """The last committed iteration of each trial of ``stage`` (its row in iterations.csv)."""
+        last: dict[str, int] = {}
+        for row in self.iterations():
+            if row.get("stage") == stage:
+                trial = row.get("trial") or ""
+                last[trial] = max(last.get(trial, 0), int(row["iteration"]))
+        return last
+
+    def drop_uncommitted(self) -> int:
+        """Rewrites ``children.csv`` without the children of uncommitted iterations.
+
+        An iteration is committed when its row is in ``iterations.csv``, written right after
+        its children. A driver killed in between leaves children of an iteration that its
+        Tune trial will run again from its last checkpoint on resume: they are dropped here
+        (the reward cache keeps what they cost). Returns the number of rows dropped.
+        """
+        rows = self._read("children.csv")
+        committed = {stage: self.committed(stage) for stage in {r["stage"] for r in rows}}
+        kept = [
+            r
+            for r in rows
+            if (r.get("iteration") or 0) <= committed[r["stage"]].get(r.get("trial") or "", 0)
+        ]
+        if len(kept) < len(rows):
+            path = self.file("children.csv")
+            with path.open(newline="") as fh:
+                columns = tuple(next(csv.reader(fh), None) or CHILD_COLUMNS)
+            tmp = self.file("children.csv.tmp")
+            tmp.write_text("")
+            self._append(tmp.name, columns, kept)
+            tmp.replace(path)
+        return len(rows) - len(kept)
 
     def append_iteration(self, row: dict[str, Any]) -> None:
         self._append("iterations.csv", ITERATION_COLUMNS, [row])

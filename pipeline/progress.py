@@ -140,9 +140,13 @@ class StageMonitor:
         self.stage, self.log, self.run_dir, self.clock = stage, log, run_dir, clock
         self.console, self.tracker, self.per_trial_names = console, tracker, per_trial_names
         self.rows: dict[str, list[dict[str, Any]]] = {}
+        # A resumed stage (see RunDir.drop_uncommitted): iterations up to these are recorded.
+        self.committed = run_dir.committed(stage)
         for row in run_dir.children(stage):  # earlier rows of a resumed stage
             self.rows.setdefault(row.get("trial") or "", []).append(row)
         self.episodes = sum(len(v) for v in self.rows.values())
+        self.replayed = 0
+        """Iterations reported again after a resume that were already committed (not recorded)."""
         self.warnings: list[str] = []
         clock.begin_search()
 
@@ -163,13 +167,23 @@ class StageMonitor:
             row.update(stage=self.stage, episode=self.episodes, iteration=iteration, trial=trial_id)
         self.rows.setdefault(trial_id, []).extend(rows)
         self.run_dir.append_children(rows)
-        if self.tracker is not None and rows:
-            self.tracker.log_children(rows)
         return rows
 
     def on_result(self, trial: Any, result: dict) -> None:
-        """One iteration of ``trial`` was reported."""
+        """One iteration of ``trial`` was reported.
+
+        The files are written first and MLflow second: ``iterations.csv`` is the commit point
+        of an iteration, and MLflow only ever sees committed iterations.
+        """
         step = int(result.get("iteration", result.get("training_iteration", 0)))
+        if step <= self.committed.get(trial.trial_id, 0):
+            # Tune restored the trial from a checkpoint older than the last iteration the
+            # driver recorded before it died: this iteration is already in the records.
+            ray.get(self.log.drain.remote(trial.trial_id))
+            self.replayed += 1
+            logger.info("%s iteration %d replayed after the resume; kept its first record",
+                        self.stage, step)  # fmt: skip
+            return
         rows = self._take(trial.trial_id, step)
         self.clock.tick()
         stats = iteration_stats(rows, self.rows[trial.trial_id])
@@ -185,6 +199,9 @@ class StageMonitor:
             **stats,
         }
         self.run_dir.append_iteration(row)
+        self.committed[trial.trial_id] = step
+        if self.tracker is not None and rows:
+            self.tracker.log_children(rows)
         if len(rows) < expected:
             message = (
                 f"{self.stage} iteration {step}: {len(rows)} children evaluated but {expected} "
@@ -194,7 +211,7 @@ class StageMonitor:
             logger.warning(message)
         if self.tracker is not None:
             name = f"{self.stage}/{trial.trial_id}" if self.per_trial_names else self.stage
-            self.tracker.log_iteration(name, step, _tracked(row))
+            self.tracker.log_iteration(name, step, tracked_metrics(row))
         self._print(
             row, result, (trial.config.get("settings") or {}).get("label") or trial.trial_id
         )
@@ -202,7 +219,9 @@ class StageMonitor:
     def on_complete(self, trial: Any) -> None:
         """``trial`` ended. APPO samples asynchronously: children in flight at its last report land here."""
         last = max((r.get("iteration") or 0 for r in self.rows.get(trial.trial_id, [])), default=0)
-        self._take(trial.trial_id, last)
+        rows = self._take(trial.trial_id, last)
+        if self.tracker is not None and rows:
+            self.tracker.log_children(rows)
 
     def _print(self, row: dict[str, Any], result: dict[str, Any], label: str) -> None:
         total = result.get("iterations_total") or "?"
@@ -221,7 +240,7 @@ class StageMonitor:
             logger.info(line.replace("[bold]", "").replace("[/]", ""))
 
 
-def _tracked(row: Mapping[str, Any]) -> dict[str, Any]:
+def tracked_metrics(row: Mapping[str, Any]) -> dict[str, Any]:
     """An iteration row as MLflow metric keys."""
     keys = {
         "reward_mean": "reward/mean", "reward_max": "reward/max", "reward_min": "reward/min",

@@ -19,7 +19,15 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.compress import Job, _open_job, _release, best_row, env_config, init_ray
+from pipeline.compress import (
+    Job,
+    _open_job,
+    _release,
+    best_row,
+    check_resources,
+    env_config,
+    init_ray,
+)
 from pipeline.config import ConfigError, RunConfig, validate_config
 from pipeline.outputs import RunDir
 from pipeline.progress import StageMonitor
@@ -78,11 +86,12 @@ def sweep(
     accuracy), also written to ``RUN_DIR/sweep.csv``; every child is in ``children.csv``.
     """
     run_dir = RunDir(cfg.output.run_dir)
-    run_dir.write_config(cfg.to_yaml())
     stage = next(s for s in STAGES if cfg.stage(s).enabled)
     owns_ray = init_ray(cfg)
     job: Job | None = None
     try:
+        check_resources(cfg)
+        run_dir.write_config(cfg.to_yaml())
         planned = sum(v.stage(stage).iterations for _, v in variants)
         job = _open_job(cfg, run_dir, console, tracker, splits, planned)
         probe = ENV_CLASSES[stage](env_config(job, stage, None))
