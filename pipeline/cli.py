@@ -316,6 +316,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Console(highlight=False)
     out.print(summary_table(summary))
     out.print(f"run directory: {cfg.output.run_dir}")
+    if tracker is not None and (url := tracker.ui_url()):
+        out.print(f"MLflow run: {url}", soft_wrap=True)
     return 0
 
 

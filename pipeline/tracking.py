@@ -57,6 +57,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """MLflow 3's default store: a SQLite file in the working directory, no server needed."""
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""Opens the experiment in the UI on its runs (model training), not on GenAI traces."""
+UI_VIEW = "workflowType=machine_learning"
+"""MLflow 3.17's UI picks its view from this query parameter (else GenAI); the experiment tag
+above decides where that switch is off."""
 CHILDREN_TABLE = "children.json"
 RUN_DIR_FILES = ("children.csv", "iterations.csv", "pareto.csv", "summary.json")
 """Result files of the search's run directory logged under ``run/`` (never ``config.yaml``,
@@ -227,13 +232,26 @@ class Tracker:
                 "(mlflow experiments restore) or choose another tracking.experiment"
             )
         if found is not None:
+            if EXPERIMENT_KIND[0] not in found.tags:
+                self.client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
             return found.experiment_id
         try:
-            return self.client.create_experiment(self.experiment)
+            return self.client.create_experiment(self.experiment, tags=dict([EXPERIMENT_KIND]))
         except MlflowException as err:  # created at the same moment by another run
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             return self.client.get_experiment_by_name(self.experiment).experiment_id
+
+    def ui_url(self, run: bool = True) -> str | None:
+        """The MLflow UI page of the parent run (or of the experiment), on the model-training
+        view rather than the GenAI traces view MLflow 3 opens by default; None for a SQLite
+        store (no server: open it with ``mlflow ui --backend-store-uri ...``)."""
+        if urlsplit(self.uri).scheme not in ("http", "https") or self.experiment_id is None:
+            return None
+        page = f"#/experiments/{self.experiment_id}"
+        if run and self.run_id:
+            page += f"/runs/{self.run_id}"
+        return f"{self.safe_uri.rstrip('/')}/{page}?{UI_VIEW}"
 
     # -- the parent run -------------------------------------------------------------------
 

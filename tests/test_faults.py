@@ -240,7 +240,9 @@ def test_an_eviction_then_a_killed_driver_then_resume_give_one_exact_run(
     )
     experiment = client.get_experiment_by_name("faults")
     runs = client.search_runs([experiment.experiment_id])
-    assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+    assert {r.info.status for r in runs} == {"KILLED"}, [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
 
     # 2. The resumed driver is killed outright once it recorded one more iteration.
     second = _start(["run", "--resume", str(run_dir), "--quiet", "--address", address])
@@ -314,7 +316,10 @@ def test_a_resumed_tracker_continues_the_run_and_sends_what_the_dead_driver_had_
     history = client.get_metric_history(stage_id, "reward/mean")
     assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (2, 0.3)]  # none twice
     assert sorted(m.step for m in client.get_metric_history(stage_id, "child/reward")) == [
-        0, 1, 2, 3
+        0,
+        1,
+        2,
+        3,
     ]
     second.log_children(_rows("t1", 3, 5, 1))
     second.close()

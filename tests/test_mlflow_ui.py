@@ -88,3 +88,27 @@ def test_model_page_shows_the_registered_student_and_its_champion_alias(register
     row = link.find_element(By.XPATH, f"./ancestor::*[contains(., '{CHAMPION_ALIAS}')][1]")
     assert CHAMPION_ALIAS in row.text and "Registered at" not in row.text
     assert "dataset" in row.text and "digits" in row.text
+
+
+@pytest.mark.timeout(240)
+def test_the_experiment_opens_on_its_training_runs_not_genai_traces(registered, browser):
+    from mlflow import MlflowClient
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, info = registered
+    client = MlflowClient(tracking_uri=server.url)
+    experiment = client.get_experiment_by_name("ui")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    tracker = Tracker(server.url, experiment="ui")
+    tracker.check_reachable()
+    browser.get(tracker.ui_url(run=False))
+    WebDriverWait(browser, 90, poll_frequency=0.5).until(
+        lambda d: "Run Name" in d.find_element(By.TAG_NAME, "body").text
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "mlflow_experiment_page.png"))
+    body = browser.find_element(By.TAG_NAME, "body").text
+    # The runs table with n2n's run and its registered student, not the traces dashboard.
+    assert "n2n run" in body and f"{MODEL_NAME}\nv{info.version}" in body, body[:1500]
+    assert "Token Usage" not in body and "Tool calls" not in body
