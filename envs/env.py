@@ -188,7 +188,16 @@ class _ChildEnv(gym.Env):
 
 
 class RemovalEnv(_ChildEnv):
-    """Stage 1: one action decides, for every removable unit, keep (0) or remove (1)."""
+    """Stage 1: one action decides, for every removable unit, keep (0) or remove (1).
+
+    A child is never larger than the teacher, so its N2N reward ``C(2-C) A/A_teacher`` is
+    never negative and stays above a failed child's -1: removals that would make the network
+    grow (a channel-narrowing unit whose consumer would be widened by more weights than the
+    unit holds, such as a MobileNetV2 projection conv) are left out of the requested set,
+    deterministically (``envs.surgery.remove_without_growth``). ``info["removed"]`` lists the
+    removals made and ``info["dropped"]`` those left out. The mask (the ``removable`` column)
+    still offers such units: removed together with their consumer they shrink the network.
+    """
 
     stage = "removal"
 
@@ -208,12 +217,18 @@ class RemovalEnv(_ChildEnv):
 
     def step(self, action: Any):
         values = self._check_action(action, self.action_space.nvec, "one 0/1 per removable unit")
-        removed = [u for u, v in zip(self.units, values, strict=True) if v == 1]
+        requested = [u for u, v in zip(self.units, values, strict=True) if v == 1]
         reward, info = self._score(
-            lambda: make_child(self.teacher, self.teacher_spec, remove=removed),
+            lambda: make_child(
+                self.teacher, self.teacher_spec, remove=requested, allow_growth=False
+            ),
             values,
-            {"removed": removed},
+            {"removed": requested, "dropped": []},
         )
+        if info.get("spec") is not None:
+            made = set(info["spec"]["removed"])
+            info["removed"] = [u for u in requested if u in made]
+            info["dropped"] = [u for u in requested if u not in made]
         return self._obs.copy(), reward, True, False, info
 
 

@@ -4,6 +4,7 @@ A *student spec* says how to rebuild a network from scratch, without pickling a 
 
     {"format": "n2n-student/1",
      "base": {"arch": "resnet18", "kwargs": {...}, "input_shape": [3, 32, 32]},
+     # "base" may also hold "adapt": {"features.0.0": {"in_channels": 1}} (envs.models.fit_arch)
      "removed": ["layer1.1", "layer3.1"],            # units removed, by module path
      "channels": {"conv1": 16, "layer1.0.conv1": 8}}  # output channels per coupled group
 
@@ -51,6 +52,21 @@ def validate_base(base: dict[str, Any]) -> None:
     if not (isinstance(shape, list | tuple) and len(shape) == 3 and all(int(d) > 0 for d in shape)):
         raise ValueError(
             f"architecture spec for {base['arch']!r} needs 'input_shape' [channels, height, width], got {shape!r}"
+        )
+    adapt = base.get("adapt")
+    if adapt is not None and not (
+        isinstance(adapt, dict)
+        and all(
+            isinstance(sizes, dict)
+            and sizes
+            and set(sizes) <= {"in_channels", "out_channels"}
+            and all(isinstance(n, int) and n > 0 for n in sizes.values())
+            for sizes in adapt.values()
+        )
+    ):
+        raise ValueError(
+            f"architecture spec for {base['arch']!r} has 'adapt' {adapt!r}; it must map layer "
+            "paths to {'in_channels': n} and/or {'out_channels': n}"
         )
 
 

@@ -13,7 +13,16 @@ decided by one unit (the first, in topological order, that contains a layer of t
 the unit's keep-ratio sets the group's width and the most important channels are kept (L1
 norm of filters by default, BatchNorm gamma as in Network Slimming as an option).
 
-The teacher is never modified: every function works on a deep copy.
+The teacher is never modified: every function works on a deep copy. Every public function
+works whatever the caller's grad mode: Torch-Pruning traces dependencies through autograd, so
+surgery runs with gradients enabled and outside inference mode (:func:`grad_mode_free`), and
+the children it returns hold ordinary trainable tensors even when built under
+``torch.no_grad()`` or ``torch.inference_mode()``.
+
+Removal can make a network *larger*: a unit that narrows the channels (say 240 -> 80, an
+inverted residual's projection) hands its wide input to the next layer, whose new input
+weights may outnumber the unit's own. ``make_child(..., allow_growth=False)`` (what the
+removal environment uses) drops such removals from the request; see :func:`remove_without_growth`.
 """
 
 from __future__ import annotations
@@ -22,15 +31,16 @@ import copy
 import functools
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
 import torch_pruning as tp
 from torch import nn
 
+from envs.costs import count_params
 from envs.graph import LAYER_TYPES, Architecture, describe, trace
 from envs.models import build_model
 from envs.spec import SPEC_FORMAT, canonical
@@ -39,6 +49,23 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 IMPORTANCE = ("l1", "bn")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def grad_mode_free(fn: _F) -> _F:
+    """Runs ``fn`` with autograd on and inference mode off, whatever the caller's mode.
+
+    Torch-Pruning's ``DependencyGraph`` follows ``grad_fn`` links (under ``torch.no_grad()`` it
+    fails an assertion), and tensors made in inference mode could never be trained.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -70,6 +97,7 @@ def validate_ratio(ratio: float, where: str = "keep-ratio") -> float:
 # --- removal -----------------------------------------------------------------------------
 
 
+@grad_mode_free
 def remove_units(model: nn.Module, names: Iterable[str], input_shape: Sequence[int]) -> nn.Module:
     """Returns a copy of ``model`` without the named units (see ``envs.graph``).
 
@@ -154,9 +182,49 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+@grad_mode_free
+def remove_without_growth(
+    model: nn.Module, names: Iterable[str], input_shape: Sequence[int]
+) -> tuple[fx.GraphModule, list[str]]:
+    """Removes the named units except those whose removal would make the network larger.
+
+    Only removing a unit that narrows the channels (more input than output channels) can add
+    parameters: its consumer is widened to the unit's input. Without such removals every
+    surviving layer reads at most as many channels as before, so the network cannot grow. Hence:
+    when removing all ``names`` does not grow the network, that is the child (one surgery).
+    Otherwise the other removals are made, then each requested narrowing unit, in topological
+    order, is removed too unless that makes the child larger than it was without it. The
+    result is deterministic and never has more parameters than ``model``.
+
+    Returns:
+        The child and the removals made (a sub-list of ``names``, in their order).
+
+    Raises:
+        ValueError: as :func:`remove_units`.
+    """
+    names = list(dict.fromkeys(names))
+    model = trace(model)
+    child = remove_units(model, names, input_shape)
+    if count_params(child) <= count_params(model):
+        return child, names
+    arch = describe(model, input_shape, count_flops=False)
+    narrowing = {u.name for u in arch.units if u.name in names and u.in_channels > u.out_channels}
+    kept = [n for n in names if n not in narrowing]
+    child = remove_units(model, kept, input_shape)
+    for unit in (u for u in arch.units if u.name in narrowing):  # topological order
+        trial = remove_units(model, [*kept, unit.name], input_shape)
+        if count_params(trial) <= count_params(child):
+            kept.append(unit.name)
+            child = trial
+    dropped = [n for n in names if n not in kept]
+    log.debug("removal of %s left out: it would make the network larger", dropped)
+    return child, [n for n in names if n in kept]
+
+
 # --- shrinkage ---------------------------------------------------------------------------
 
 
+@grad_mode_free
 def dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of ``model``, traced in eval mode (statistics kept)."""
     was = model.training
@@ -169,6 +237,7 @@ def dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.Depende
         model.train(was)
 
 
+@grad_mode_free
 def pruning_group(dg: tp.DependencyGraph, module: nn.Module, idxs: Iterable[int]) -> tp.Group:
     """The coupled group that removes output channels ``idxs`` of ``module`` everywhere."""
     return dg.get_pruning_group(module, _out_pruner(dg, module), sorted(idxs))
@@ -179,6 +248,7 @@ def _out_pruner(dg: tp.DependencyGraph, module: nn.Module):  # noqa: ANN202
     return None if pruner is None else pruner.prune_out_channels
 
 
+@grad_mode_free
 def channel_groups(
     model: nn.Module, arch: Architecture, dg: tp.DependencyGraph | None = None
 ) -> list[ChannelGroup]:
@@ -227,6 +297,7 @@ def _unit_order(arch: Architecture):  # noqa: ANN202
     return lambda name: order[name]
 
 
+@grad_mode_free
 def channel_importance(
     group: Any, dg: tp.DependencyGraph, kind: str = "l1", reduction: str = "sum"
 ) -> torch.Tensor:
@@ -269,6 +340,7 @@ def kept_channels(channels: int, ratio: float, min_channels: int) -> int:
     return min(channels, max(min_channels, round(ratio * channels)))
 
 
+@grad_mode_free
 def shrink(
     model: nn.Module,
     ratios: Mapping[str, float],
@@ -320,6 +392,7 @@ def _why_not_shrinkable(unit: Any, groups: list[ChannelGroup]) -> str:
     return "it has no prunable output channels"
 
 
+@grad_mode_free
 def set_channels(
     model: nn.Module, channels: Mapping[str, int], input_shape: Sequence[int]
 ) -> nn.Module:
@@ -348,6 +421,7 @@ def set_channels(
 # --- children and specs ------------------------------------------------------------------
 
 
+@grad_mode_free
 def make_child(
     model: nn.Module,
     spec: dict[str, Any],
@@ -355,6 +429,7 @@ def make_child(
     ratios: Mapping[str, float] | None = None,
     min_channels: int = 4,
     importance: str = "l1",
+    allow_growth: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Builds a child of ``model`` (the network ``spec`` describes) and the child's spec.
 
@@ -365,16 +440,22 @@ def make_child(
         ratios: keep-ratio per unit to shrink (applied after removal).
         min_channels: no group is shrunk below this many channels.
         importance: ``"l1"`` (filter L1 norm) or ``"bn"`` (BatchNorm gamma).
+        allow_growth: ``False`` leaves out the removals that would make the network larger
+            (:func:`remove_without_growth`); the child's spec lists the removals made.
     """
     spec = canonical(spec)
     input_shape = spec["base"]["input_shape"]
-    remove = list(remove)
-    child = remove_units(model, remove, input_shape)
+    remove = list(dict.fromkeys(remove))
+    if allow_growth:
+        child = remove_units(model, remove, input_shape)
+    else:
+        child, remove = remove_without_growth(model, remove, input_shape)
     if ratios:
         child = shrink(child, ratios, input_shape, min_channels=min_channels, importance=importance)
     return child, spec_of(child, {**spec, "removed": sorted(set(spec["removed"]) | set(remove))})
 
 
+@grad_mode_free
 def spec_of(model: nn.Module, parent_spec: dict[str, Any]) -> dict[str, Any]:
     """The canonical spec of ``model``, a channel-pruned copy of ``parent_spec``'s network.
 
@@ -414,6 +495,7 @@ def _unshrunk_channels(spec_json: str) -> dict[str, int]:
     return current_channels(model, spec["base"]["input_shape"])
 
 
+@grad_mode_free
 def current_channels(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """Output channels of every coupled group, keyed by owner: the spec's ``channels``."""
     gm = trace(model)
@@ -423,6 +505,7 @@ def current_channels(model: nn.Module, input_shape: Sequence[int]) -> dict[str, 
     }
 
 
+@grad_mode_free
 def apply_spec(base_model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """Applies a canonical spec's removals and channel counts to a freshly built base model."""
     if not spec["removed"] and not spec["channels"]:
@@ -434,6 +517,7 @@ def apply_spec(base_model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     return model
 
 
+@grad_mode_free
 def analyze(model: nn.Module, input_shape: Sequence[int]) -> Architecture:
     """Describes ``model`` (see ``envs.graph.describe``) and marks which units can be shrunk.
 

@@ -76,9 +76,20 @@ class TeacherConfig(_Section):
         None, description="Teacher checkpoint folder (spec.json + weights.pt); None trains one."
     )
     arch: str = Field(
-        "small_cnn", description="Zoo name or 'package.module:callable' when training a teacher."
+        "small_cnn",
+        description="Zoo name or 'package.module:callable' (e.g. 'torchvision.models:mobilenet_v2') "
+        "when training a teacher.",
     )
-    width: float = Field(1.0, gt=0, le=4, description="Channel width multiplier of the zoo model.")
+    width: float = Field(
+        1.0,
+        gt=0,
+        le=4,
+        description="Channel width multiplier, for builders taking 'width' (the zoo).",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra builder keyword arguments, e.g. {width_mult: 0.25} for mobilenet_v2.",
+    )
     epochs: PositiveInt = Field(10, description="Training epochs for a teacher trained on the fly.")
     batch_size: PositiveInt = Field(128, description="Teacher mini-batch size.")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="Teacher optimizer.")
@@ -91,9 +102,17 @@ class TeacherConfig(_Section):
     )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
 
+    @field_validator("kwargs")
+    @classmethod
+    def _no_width_kwarg(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if "width" in kwargs:
+            raise ValueError("set teacher.width instead of teacher.kwargs.width")
+        return kwargs
+
     def arch_spec(self) -> dict[str, Any]:
-        """The zoo architecture spec (classes and channels are filled in from the dataset)."""
-        return {"arch": self.arch, "kwargs": {"width": self.width}}
+        """The architecture spec: ``kwargs``, and ``width`` for builders that take it (classes
+        and channels are filled in from the dataset, see ``pipeline.teachers.teacher_base_spec``)."""
+        return {"arch": self.arch, "kwargs": dict(self.kwargs), "width": self.width}
 
 
 class DistillConfig(_Section):

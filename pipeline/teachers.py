@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import logging
 import math
 import time
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from envs.costs import model_costs
-from envs.models import build_model, resolve_arch
+from envs.models import build_model, fit_arch
 from envs.spec import Checkpoint, load_checkpoint, save_checkpoint, teacher_spec
 from pipeline.data import Splits
 from pipeline.distill import evaluate_accuracy, resolve_device, seed_everything
@@ -69,8 +68,12 @@ class TeacherConfig:
 def teacher_base_spec(arch_spec: str | dict[str, Any], splits: Splits) -> dict[str, Any]:
     """Completes an architecture spec for a dataset: classes, input channels and input shape.
 
-    ``arch_spec`` is a zoo name (``"resnet18"``) or ``{"arch": ..., "kwargs": {...}}``. Values
-    the dataset fixes are filled in; a contradicting value is an error.
+    ``arch_spec`` is a zoo name or import path (``"resnet18"``,
+    ``"torchvision.models:mobilenet_v2"``) or ``{"arch": ..., "kwargs": {...}, "width": w}``.
+    ``kwargs`` are passed to the builder as given; ``width`` (``teacher.width``) is passed only
+    to builders that take it. The dataset's classes and channels are passed where the builder
+    accepts them, else the network's input layer or classifier is adapted (see
+    ``envs.models.fit_arch``); an explicit value that contradicts the dataset is an error.
     """
     base = (
         {"arch": arch_spec, "kwargs": {}}
@@ -80,28 +83,29 @@ def teacher_base_spec(arch_spec: str | dict[str, Any], splits: Splits) -> dict[s
     if not isinstance(base, dict) or "arch" not in base:
         raise ValueError(f"architecture spec {arch_spec!r} needs an 'arch' key")
     kwargs = dict(base.get("kwargs") or {})
-    channels, height, _ = splits.input_shape
+    channels = splits.input_shape[0]
     for key, value in (("num_classes", splits.num_classes), ("in_channels", channels)):
         if key in kwargs and int(kwargs[key]) != value:
             raise ValueError(
                 f"architecture {base['arch']!r} sets {key}={kwargs[key]} but dataset "
                 f"{splits.name!r} has {value}; drop the setting or use another dataset"
             )
-        kwargs[key] = value
-    if "image_size" not in kwargs and _accepts_image_size(base["arch"], kwargs, height):
-        kwargs["image_size"] = height  # VGG pools only while the feature map is > 1 pixel
     shape = list(splits.input_shape)
     if base.get("input_shape") not in (None, shape):
         raise ValueError(
             f"architecture spec input_shape {base['input_shape']} differs from dataset "
             f"{splits.name!r} images {shape}"
         )
-    return {"arch": base["arch"], "kwargs": kwargs, "input_shape": shape}
-
-
-def _accepts_image_size(arch: str, kwargs: dict[str, Any], height: int) -> bool:
-    """Whether the builder takes ``image_size`` (the zoo's VGGs do)."""
-    return "image_size" in inspect.signature(resolve_arch(arch)).parameters
+    width = base.get("width")
+    optional = {} if width is None or "width" in kwargs else {"width": width}
+    fitted = fit_arch(base["arch"], kwargs, shape, splits.num_classes, optional)
+    if optional and optional["width"] != 1.0 and "width" not in fitted["kwargs"]:
+        raise ValueError(
+            f"teacher.width={optional['width']} has no effect: architecture {base['arch']!r} "
+            "takes no 'width' argument; set teacher.width=1.0 and give the builder's own width "
+            "argument in teacher.kwargs (e.g. {width_mult: 0.5} for torchvision's MobileNets)"
+        )
+    return fitted
 
 
 def train_teacher(

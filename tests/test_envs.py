@@ -157,3 +157,28 @@ def test_rllib_style_registration(ray_cluster):
     env = _global_registry.get(ENV_CREATOR, removal)(_config())
     assert isinstance(env, RemovalEnv)
     assert isinstance(_global_registry.get(ENV_CREATOR, shrinkage)(_config()), ShrinkageEnv)
+
+
+def test_removal_env_leaves_out_removals_that_would_grow_the_network():
+    from envs.models import fit_arch
+    from envs.surgery import make_child
+
+    # torchvision's MobileNetV2: removing the last projection conv (96 -> 32 channels) on its
+    # own would widen the 1x1 conv after it (32 -> 1280) to 96 inputs, 78,784 more params.
+    base = fit_arch("torchvision.models:mobilenet_v2", {"width_mult": 0.1}, [1, 8, 8], 10)
+    env = RemovalEnv({"teacher": base, "evaluator": SyntheticEvaluator()})
+    grower, consumer = "features.17.conv.2", "features.18.0"
+    assert env.units[-2:] == [grower, consumer]
+    teacher_params = env.teacher_costs.params
+
+    _, reward, _, _, info = env.step([0] * (len(env.units) - 2) + [1, 0])
+    assert info["dropped"] == [grower] and info["removed"] == []
+    assert info["params"] == teacher_params and reward == 0.0  # the teacher itself: C = 0
+    assert info["action"][-2] == 1  # the action is recorded as taken
+
+    _, reward, _, _, info = env.step([0] * (len(env.units) - 2) + [1, 1])
+    assert info["dropped"] == [] and info["removed"] == [grower, consumer]
+    assert info["params"] < teacher_params and reward > 0
+    # The record rebuilds its child, as the run does for fine-tuning.
+    _, spec = make_child(env.teacher, env.teacher_spec, remove=info["removed"])
+    assert spec == info["spec"]

@@ -10,10 +10,17 @@ import torch
 from torch import nn
 
 from envs.costs import count_flops, count_params
-from envs.graph import TraceError, describe
+from envs.graph import TraceError, describe, trace
 from envs.models import build_model
 from envs.spec import arch_hash, base_spec, build_from_spec, teacher_spec
-from envs.surgery import analyze, make_child, remove_units, shrink
+from envs.surgery import (
+    analyze,
+    channel_groups,
+    make_child,
+    remove_units,
+    remove_without_growth,
+    shrink,
+)
 
 ZOO = [
     ("resnet18", [3, 16, 16], {"width": 0.25}),
@@ -285,3 +292,57 @@ def test_bad_surgery_requests_fail_clearly():
             shrink(teacher, {"conv1": bad}, [3, 16, 16])
     with pytest.raises(ValueError, match="cannot be shrunk: its outputs are the classes"):
         shrink(teacher, {"fc": 0.5}, [3, 16, 16])
+
+
+@pytest.mark.parametrize(
+    "mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"]
+)
+@pytest.mark.parametrize(
+    ("arch", "shape", "kwargs"),
+    [
+        pytest.param("resnet18", [3, 16, 16], {"width": 0.25}, id="resnet18"),
+        pytest.param(f"{__name__}:UserDepthwiseNet", [3, 16, 16], {}, id="user-depthwise"),
+    ],
+)
+def test_surgery_ignores_the_callers_grad_mode(mode, arch, shape, kwargs):
+    teacher, spec = _model(arch, shape, kwargs)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    remove = [u.name for u in analyze(teacher, shape).removable][:2]
+    x = torch.randn(2, *shape)
+
+    def children():
+        removed, removed_spec = make_child(teacher, spec, remove=remove)
+        ratios = {u.name: 0.5 for u in analyze(removed, shape).shrinkable}
+        both, both_spec = make_child(removed, removed_spec, ratios=ratios)
+        return [(removed, removed_spec), (both, both_spec)]
+
+    expected = children()
+    with mode():
+        got = children()
+        groups = channel_groups(trace(teacher), describe(teacher, shape))
+    assert groups == channel_groups(trace(teacher), describe(teacher, shape))
+    for (want, want_spec), (child, child_spec) in zip(expected, got, strict=True):
+        assert arch_hash(child_spec) == arch_hash(want_spec)
+        assert torch.equal(child.eval()(x), want.eval()(x))
+        # Built under no_grad or inference mode, the child is still an ordinary trainable net.
+        assert all(p.requires_grad and not p.is_inference() for p in child.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), f"teacher tensor {k} changed"
+
+
+def test_a_removal_that_would_grow_the_network_is_left_out():
+    torch.manual_seed(0)
+    model = Narrowing().eval()
+    spec = teacher_spec(base_spec(f"{__name__}:Narrowing", [3, 8, 8]))
+    # Removing b (32 -> 16, 4,624 params) widens c by 16 inputs x 64 filters x 9 = 9,216.
+    grown = remove_units(model, ["b"], [3, 8, 8])
+    assert count_params(grown) - count_params(model) == 16 * 64 * 9 - (32 * 16 * 9 + 16)
+    child, child_spec = make_child(model, spec, remove=["b"], allow_growth=False)
+    assert child_spec["removed"] == [] and arch_hash(child_spec) == arch_hash(spec)
+    assert count_params(child) == count_params(model)
+    child, made = remove_without_growth(model, ["b", "c"], [3, 8, 8])
+    assert made == ["b", "c"]  # together they shrink the network: fc reads 32 instead of 64
+    assert (
+        count_params(child)
+        == count_params(model) - count_params(model.b) - count_params(model.c) + (32 - 64) * 10
+    )

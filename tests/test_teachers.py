@@ -94,3 +94,15 @@ def test_max_steps_and_bad_settings(digits):
     assert metrics["steps"] == 3
     with pytest.raises(ValueError, match="teacher augment 'mixup'"):
         TeacherConfig(augment="mixup")
+
+
+def test_a_torchvision_teacher_trains_on_grey_images_and_reloads(digits, tmp_path):
+    arch = {"arch": "torchvision.models:mobilenet_v2", "kwargs": {"width_mult": 0.25}, "width": 1.0}
+    model, metrics = train_teacher(arch, digits, TeacherConfig(max_steps=2), out_dir=tmp_path)
+    loaded = load_teacher(tmp_path, digits)
+    assert loaded.spec["base"]["kwargs"] == {"width_mult": 0.25, "num_classes": 10}
+    assert loaded.spec["base"]["adapt"] == {"features.0.0": {"in_channels": 1}}
+    x = digits.val[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model.eval()(x))
+    assert metrics["params"] == count_params(loaded.model) and metrics["steps"] == 2
