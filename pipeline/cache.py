@@ -174,6 +174,9 @@ def get_or_create_cache(name: str, path: str | Path | None = None) -> Any:
     import ray
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=1)(RewardCache)
-    return actor_cls.options(name=name, get_if_exists=True, scheduling_strategy="DEFAULT").remote(
-        str(path) if path else None
-    )
+    return actor_cls.options(
+        name=name,
+        get_if_exists=True,
+        scheduling_strategy="DEFAULT",
+        resources={"node:__internal_head__": 0.001},  # outlives any worker node, see search.ON_HEAD
+    ).remote(str(path) if path else None)

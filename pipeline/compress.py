@@ -90,7 +90,12 @@ class Job:
 
 
 def init_ray(cfg: RunConfig) -> bool:
-    """Joins ``ray.address`` or starts a local cluster; returns whether it started Ray."""
+    """Joins ``ray.address`` or starts a local cluster; returns whether it started Ray.
+
+    Ray puts the driver's working directory on its workers' ``sys.path`` (on this machine), so
+    a custom ``teacher.arch`` or evaluator module there reaches the env runners and child tasks
+    without a runtime_env; a remote cluster needs it in the image or the job's working_dir.
+    """
     if ray.is_initialized():
         return False
     before = signal.getsignal(signal.SIGTERM)
@@ -470,6 +475,16 @@ def _summary(
     }
     instance = job.evaluator_instance
     cache = instance.cache_stats() if hasattr(instance, "cache_stats") else {}
+    # Children whose task was lost with its worker or node and run again (pipeline.evaluator).
+    retries = [int(r.get("retries") or 0) for r in rows]
+    warnings = list(job.warnings)
+    if any(retries):
+        retried, total = sum(n > 0 for n in retries), sum(retries)
+        warnings.append(
+            f"{retried} child{'ren' * (retried > 1)} lost {'their' if retried > 1 else 'its'} "
+            f"worker or node and ran again ({total} retr{'ies' if total > 1 else 'y'} in all; "
+            "see the retries column of children.csv)"
+        )
     return {
         "name": job.cfg.name,
         "dataset": job.cfg.data.name,
@@ -484,8 +499,10 @@ def _summary(
             "distinct": len({r["arch_hash"] for r in rows if r.get("arch_hash")}),
             "cache_hits": sum(1 for r in rows if r.get("cache_hit")),
             "failed": sum(1 for r in rows if r.get("error")),
+            "retried": sum(n > 0 for n in retries),
+            "retries": sum(retries),
         },
         "cache": {k: v for k, v in cache.items() if k != "path"},
-        "warnings": job.warnings,
+        "warnings": warnings,
         "wall_time_s": round(wall, 1),
     }

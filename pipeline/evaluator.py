@@ -12,8 +12,13 @@ GPUs let several small children share one), launched with ``scheduling_strategy=
 so that tasks started from env runners inside a Tune trial are not captured by the trial's
 placement group (where they would wait forever). A child that fails for any reason (an
 exception, a NaN loss, CUDA out of memory, its timeout) comes back as
-``ChildResult(error="ErrorClass: message")`` and the env scores it -1. Tasks lost with a dead
-node or worker are retried ``max_retries`` times; errors raised by the child itself are not.
+``ChildResult(error="ErrorClass: message")`` and the env scores it -1.
+
+A task lost with its worker or node (a preempted or evicted node, a killed raylet, a worker
+killed by Ray's memory monitor) is resubmitted by the evaluator itself, up to ``max_retries``
+times, rather than by Ray's own retries, so that the child's record can say it was retried:
+``ChildResult.extra["retries"]`` (the ``retries`` column of ``children.csv``). Past its retries
+the child fails with the loss as its reason. Errors raised by the child itself are not retried.
 
 With ``early_stop`` a child is scored at a few checkpoints of its training and stopped once
 its best reachable reward falls below the k-th best full-budget reward so far (the reward
@@ -61,6 +66,27 @@ logger = logging.getLogger(__name__)
 _NOT_CACHEABLE = "not_cacheable"
 """Key in ``ChildResult.extra`` marking failures that depend on load, not on the child."""
 
+LOST_ERRORS: tuple[type[Exception], ...] = (
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.LocalRayletDiedError,
+    ray.exceptions.OutOfMemoryError,  # the worker was killed by Ray's memory monitor
+    ray.exceptions.ObjectLostError,  # also OwnerDiedError: a joined task's owner died
+)
+"""What ``ray.get`` raises for a child task lost with its worker or node: the evaluator
+resubmits the child (up to ``max_retries`` times) instead of scoring it -1."""
+
+
+@dataclass
+class _Flight:
+    """One evaluation in flight: what it trains, the ref to wait for, its retries so far."""
+
+    child: Child
+    ref: Any
+    ours: bool
+    """True when this evaluator submitted the task (False: it joined another runner's)."""
+    retries: int = 0
+
 
 class KDEvaluator:
     """Scores children by brief knowledge distillation from the teacher, on a Ray cluster.
@@ -78,7 +104,8 @@ class KDEvaluator:
         hard_timeout_s: give up on the tasks still out when none has answered for this long
             (queueing included; it catches hung or unschedulable tasks). Defaults to
             ``2 * timeout_s + 60``.
-        max_retries: re-runs of a task lost to a dead worker or node.
+        max_retries: resubmissions of a child whose task was lost with its worker or node
+            (counted in the child's ``extra["retries"]``).
         cache: reuse results of architectures already evaluated with the same settings.
         cache_name: name of the shared cache actor; defaults to one per evaluation fingerprint.
         cache_path: sqlite file that keeps results across runs (e.g. ``runs/x/cache.sqlite``).
@@ -298,7 +325,7 @@ class KDEvaluator:
         results: list[ChildResult | None] = [None] * len(children)
         cache = self._connect_cache()
         waiting: dict[str, list[int]] = {}  # key -> indices of children waiting for it
-        refs: dict[str, tuple[Any, bool]] = {}  # key -> (ObjectRef, we produce it)
+        flights: dict[str, _Flight] = {}  # key -> the evaluation they wait for
 
         for i, child in enumerate(children):
             key = self._key(child)
@@ -307,46 +334,25 @@ class KDEvaluator:
                     self._cache_call(cache, "lookup", key)
                 waiting[key].append(i)
                 continue
-            if cache is not None:
-                status, value = self._cache_call(cache, "lookup", key)
-                if status == HIT:
-                    results[i] = _from_cached(value, started)
-                    self._offer_cached(cache, child, results[i])
-                    continue
-                if status == PENDING:
-                    refs[key] = (value[0], False)
-                    waiting[key] = [i]
-                    continue
-            try:
-                ref = self._submit(child, cache)
-            except Exception as err:  # e.g. the child cannot be serialised
-                results[i] = _error_result(err, started)
+            result, ref, ours = self._start(child, key, cache, started)
+            if result is not None:
+                results[i] = result
                 continue
-            ours = True
-            if cache is not None:
-                status, value = self._cache_call(cache, "claim", key, [ref])
-                if status != CLAIMED:  # another runner got there between lookup and claim
-                    if not self.local:
-                        ray.cancel(ref)
-                    if status == HIT:
-                        results[i] = _from_cached(value, started)
-                        self._offer_cached(cache, child, results[i])
-                        continue
-                    ref, ours = value[0], False
-            refs[key] = (ref, ours)
-            self.tasks_submitted += int(ours)
+            flights[key] = _Flight(child, ref, ours)
             waiting[key] = [i]
 
-        for key, result in self._collect({k: r for k, (r, _) in refs.items()}, started).items():
-            ours = refs[key][1]
+        for key, result in self._collect(flights, cache, started).items():
+            flight = flights[key]
             if cache is not None and result.extra.get(_NOT_CACHEABLE):
                 # not worth keeping; a joined evaluation may also have lost its owner for good
                 self._cache_call(cache, "release", key)
-            elif cache is not None and ours:
+            elif cache is not None and flight.ours and not result.cache_hit:
                 self._cache_call(cache, "put", key, result.as_dict())
             for n, i in enumerate(waiting[key]):
-                shared = n > 0 or not ours
+                shared = n > 0 or not flight.ours or result.cache_hit
                 results[i] = _copy_result(result, cache_hit=shared)
+            if flight.retries:  # on the record, not in the cache: a later hit was not retried
+                results[waiting[key][0]].extra["retries"] = flight.retries
         return [
             r if r is not None else ChildResult(error="RuntimeError: no result") for r in results
         ]
@@ -354,6 +360,44 @@ class KDEvaluator:
     # ----------------------------------------------------------------- internals
     def _key(self, child: Child) -> str:
         return f"{child.arch_hash}-{self.fingerprint}"
+
+    def _start(
+        self, child: Child, key: str, cache: Any, started: float, lost: Any = None
+    ) -> tuple[ChildResult | None, Any, bool]:
+        """Finds the child's result in the cache, joins its evaluation in flight or submits one.
+
+        Returns ``(result, None, False)`` when the result is known now, else ``(None, ref,
+        ours)``: the ``ObjectRef`` to wait for and whether this call submitted it. ``lost`` is a
+        ref known to be lost: an entry in flight still holding it is taken over, not joined.
+        """
+        if cache is not None:
+            status, value = self._cache_call(cache, "lookup", key)
+            if status == HIT:
+                result = _from_cached(value, started)
+                self._offer_cached(cache, child, result)
+                return result, None, False
+            if status == PENDING and (lost is None or value[0] != lost):
+                return None, value[0], False
+            if status == PENDING:  # its producer lost it too and has not resubmitted yet
+                self._cache_call(cache, "release", key)
+        try:
+            ref = self._submit(child, cache)
+        except Exception as err:  # e.g. the child cannot be serialised
+            result = _error_result(err, started)
+            result.extra[_NOT_CACHEABLE] = True
+            return result, None, False
+        if cache is not None:
+            status, value = self._cache_call(cache, "claim", key, [ref])
+            if status != CLAIMED:  # another runner got there between lookup and claim
+                if not self.local:
+                    ray.cancel(ref)
+                if status == HIT:
+                    result = _from_cached(value, started)
+                    self._offer_cached(cache, child, result)
+                    return result, None, False
+                return None, value[0], False
+        self.tasks_submitted += 1
+        return None, ref, True
 
     def _submit(self, child: Child, cache: Any) -> Any:
         plan = None
@@ -369,39 +413,42 @@ class KDEvaluator:
         )
         if self.local:
             return ("local", self._local_payload, args)
+        # max_retries=0: a lost task comes back to _collect, which resubmits and counts it.
         return _child_task.options(
             num_cpus=self.num_cpus,
             num_gpus=self.num_gpus,
-            max_retries=self.max_retries,
+            max_retries=0,
             retry_exceptions=False,
             scheduling_strategy="DEFAULT",
         ).remote(self.payload, *args)
 
-    def _collect(self, refs: dict[str, Any], started: float) -> dict[str, ChildResult]:
-        """Waits for every task; failures of Ray itself become error results."""
+    def _collect(
+        self, flights: dict[str, _Flight], cache: Any, started: float
+    ) -> dict[str, ChildResult]:
+        """Waits for every evaluation, resubmitting lost ones; failures of Ray become errors."""
         out: dict[str, ChildResult] = {}
         if self.local:
-            for key, (_, payload, args) in refs.items():
+            for key, flight in flights.items():
+                _, payload, args = flight.ref
                 out[key] = train_child(payload, *args)
             return out
-        by_ref = {ref: key for key, ref in refs.items()}
-        remaining = list(by_ref)
+        by_ref = {flight.ref: key for key, flight in flights.items()}
         # The watchdog restarts whenever a child answers, so that a long batch queued on a
         # small cluster is not cut short; it fires only when nothing answers for that long.
         progress = started
-        while remaining:
+        while by_ref:
             timeout = None
             if self.hard_timeout_s is not None:
                 timeout = max(0.0, progress + self.hard_timeout_s - time.perf_counter())
-            ready, remaining = ray.wait(remaining, num_returns=1, timeout=timeout)
+            ready, _ = ray.wait(list(by_ref), num_returns=1, timeout=timeout)
             progress = time.perf_counter()
             if not ready:  # nothing answered within the hard timeout
-                for ref in remaining:
+                for ref, key in by_ref.items():
                     try:
                         ray.cancel(ref, force=True)
                     except Exception:  # a joined task belongs to another process
                         logger.debug("could not cancel %s", ref, exc_info=True)
-                    out[by_ref[ref]] = ChildResult(
+                    out[key] = ChildResult(
                         error=(
                             f"ChildTimeoutError: no result within {self.hard_timeout_s:g} s "
                             "(the task hung or could not be scheduled; check num_cpus/num_gpus)"
@@ -410,15 +457,49 @@ class KDEvaluator:
                         extra={_NOT_CACHEABLE: True},
                     )
                 break
-            ref = ready[0]
+            key = by_ref.pop(ready[0])
             try:
-                out[by_ref[ref]] = ray.get(ref)
-            except Exception as err:  # worker or node lost past max_retries, task cancelled, ...
+                out[key] = ray.get(ready[0])
+            except LOST_ERRORS as err:
+                result = self._retry(key, flights[key], cache, err, started)
+                if result is None:
+                    by_ref[flights[key].ref] = key
+                else:
+                    out[key] = result
+            except Exception as err:  # the task was cancelled, its arguments were lost, ...
                 cause = getattr(err, "cause", None) or err
                 result = _error_result(cause, started)
                 result.extra[_NOT_CACHEABLE] = True
-                out[by_ref[ref]] = result
+                out[key] = result
         return out
+
+    def _retry(
+        self, key: str, flight: _Flight, cache: Any, err: Exception, started: float
+    ) -> ChildResult | None:
+        """Starts a lost evaluation again (or joins another runner's restart); counts it.
+
+        Returns None when it is in flight again (``flight`` then holds the new ref), else the
+        child's result: a cache hit, or the loss itself once ``max_retries`` are used up.
+        """
+        loss = _error_result(err, started)
+        loss.extra[_NOT_CACHEABLE] = True
+        if flight.retries >= self.max_retries:
+            times = flight.retries + 1
+            loss.error += f" (lost {times} time{'s' * (times > 1)}, max_retries={self.max_retries})"
+            logger.warning("child %s lost for good: %s", flight.child.arch_hash, loss.error)
+            return loss
+        flight.retries += 1
+        logger.warning(
+            "child %s lost with its worker or node, retry %d of %d: %s",
+            flight.child.arch_hash, flight.retries, self.max_retries, loss.error,
+        )  # fmt: skip
+        if flight.ours and cache is not None:
+            self._cache_call(cache, "release", key)  # ours: lets the new task claim the key
+        result, ref, ours = self._start(flight.child, key, cache, started, lost=flight.ref)
+        if result is not None:
+            return result
+        flight.ref, flight.ours = ref, ours
+        return None
 
     def _connect_cache(self) -> Any:
         if not self.cache:

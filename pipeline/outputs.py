@@ -9,7 +9,9 @@
       cache.sqlite      the reward cache: a resumed run trains no child twice
       children.csv      every child: stage, episode, action, arch_hash, params, flops,
                         compression, accuracy, reward, wall_time_s, cache_hit, error, ...
-                        (early_stopped: accuracy and reward are lower bounds)
+                        (early_stopped: accuracy and reward are lower bounds; retries:
+                        times its task was lost with a worker node and run again; dropped:
+                        requested removals left out because they would grow the network)
       iterations.csv    per search iteration: episodes sampled vs expected, reward stats
       pareto.csv        children no other child beats on both params and accuracy
       removal_best/     stage 1's best child (teacher weights), where stage 2 starts
@@ -31,7 +33,7 @@ from typing import Any
 CHILD_COLUMNS = (
     "stage", "episode", "iteration", "trial", "action", "arch_hash", "params", "flops",
     "size_bytes", "compression", "accuracy", "reward", "wall_time_s", "cache_hit", "error",
-    "kd_steps", "early_stopped", "removed", "ratios", "spec",
+    "kd_steps", "early_stopped", "retries", "removed", "dropped", "ratios", "spec",
 )  # fmt: skip
 ITERATION_COLUMNS = (
     "stage", "trial", "iteration", "episodes", "episodes_expected", "rl_episodes",
@@ -48,8 +50,8 @@ PARETO_COLUMNS = (
     "accuracy",
     "reward",
 )
-_JSON_COLUMNS = ("action", "removed", "ratios", "spec")
-_INT_COLUMNS = ("episode", "iteration", "params", "flops", "size_bytes", "kd_steps")
+_JSON_COLUMNS = ("action", "removed", "dropped", "ratios", "spec")
+_INT_COLUMNS = ("episode", "iteration", "params", "flops", "size_bytes", "kd_steps", "retries")
 _FLOAT_COLUMNS = ("compression", "accuracy", "reward", "wall_time_s")
 
 

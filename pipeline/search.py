@@ -44,6 +44,29 @@ LOG_NAMESPACE = "n2n"
 RUNNER_CPUS = 0.25
 """CPU reserved per env runner and for the trial's main process: they wait, children work."""
 STATE_FILE = "trial_state.json"
+ON_HEAD_KEY = "node:__internal_head__"
+ON_HEAD = {ON_HEAD_KEY: 0.001}
+"""Custom resource that only Ray's head node has (Ray Train pins its state actor with it). The
+trial's main process and its env runners request it, so they live on the head with the driver
+and only child tasks go to worker nodes: a lost worker node costs children, which the evaluator
+retries, never the search itself. They reserve ``RUNNER_CPUS`` each where the head has that
+many CPUs, and none on a head started with ``num-cpus: 0`` (the chart's: there only the driver
+and the search run on the head), see :func:`runner_cpus`."""
+
+
+def runner_cpus(env_runners: int) -> float:
+    """CPUs each of a trial's processes (main + env runners) reserves on the head node.
+
+    ``RUNNER_CPUS`` when the head can hold them all, so that children (which may also run on
+    the head of a local cluster) do not oversubscribe it; 0 on a head with too few CPUs (a
+    KubeRay head with ``num-cpus: 0`` takes no Ray work but the search's, so nothing competes).
+    Before Ray starts (a dry config), ``RUNNER_CPUS``.
+    """
+    if not ray.is_initialized():
+        return RUNNER_CPUS
+    heads = [n for n in ray.nodes() if n.get("Alive") and ON_HEAD_KEY in n.get("Resources", {})]
+    cpus = heads[0]["Resources"].get("CPU", 0.0) if heads else 0.0
+    return RUNNER_CPUS if cpus + 1e-9 >= RUNNER_CPUS * (env_runners + 1) else 0.0
 
 
 # --------------------------------------------------------------------------- child records
@@ -69,19 +92,27 @@ class ChildLog:
 
 
 def child_log(name: str) -> ray.actor.ActorHandle:
-    """The named :class:`ChildLog` of a run, created if absent (owned by the caller)."""
-    return ChildLog.options(name=name, namespace=LOG_NAMESPACE, get_if_exists=True).remote()
+    """The named :class:`ChildLog` of a run, created if absent (owned by the caller).
+
+    It lives on the head node: a record must outlive any worker node.
+    """
+    return ChildLog.options(
+        name=name, namespace=LOG_NAMESPACE, get_if_exists=True, resources=ON_HEAD
+    ).remote()
 
 
 def child_row(info: dict[str, Any]) -> dict[str, Any]:
     """The JSON-able record of one evaluated child, from the env's step ``info``."""
     keys = (
         "stage", "action", "arch_hash", "params", "flops", "size_bytes", "compression", "accuracy",
-        "reward", "wall_time_s", "cache_hit", "error", "kd_steps", "removed", "ratios", "spec",
+        "reward", "wall_time_s", "cache_hit", "error", "kd_steps", "removed", "dropped", "ratios",
+        "spec",
     )  # fmt: skip
     row = {k: info.get(k) for k in keys}
     # Stopped early by pipeline.fidelity: accuracy and reward are then lower bounds.
     row["early_stopped"] = bool(info.get("extra_early_stopped", False))
+    # Times the child's task was lost with its worker or node and run again (pipeline.evaluator).
+    row["retries"] = int(info.get("extra_retries") or 0)
     row["action"] = [int(a) for a in (row["action"] or [])]
     for key in ("compression", "accuracy", "reward", "wall_time_s"):
         if row[key] is not None:
@@ -164,6 +195,7 @@ def algo_config(settings: dict[str, Any], env_config: dict[str, Any] | None = No
     steps = s["episode_length"]
     batch = s["episodes_per_iteration"] * steps
     runners = s["env_runners"]
+    cpus = s.get("runner_cpus", RUNNER_CPUS)
     config = (APPOConfig() if s["algo"] == "appo" else PPOConfig()).environment(
         env=register_envs()[stage], env_config=env_config, disable_env_checking=True
     )
@@ -171,7 +203,8 @@ def algo_config(settings: dict[str, Any], env_config: dict[str, Any] | None = No
         config.env_runners(
             num_env_runners=0 if runners == 1 else runners,
             num_envs_per_env_runner=1,
-            num_cpus_per_env_runner=RUNNER_CPUS,
+            num_cpus_per_env_runner=cpus,
+            custom_resources_per_env_runner=ON_HEAD,
             rollout_fragment_length=max(1, math.ceil(batch / runners))
             if s["algo"] == "ppo"
             else steps,
@@ -179,8 +212,8 @@ def algo_config(settings: dict[str, Any], env_config: dict[str, Any] | None = No
             sample_timeout_s=s["sample_timeout_s"],
             env_to_module_connector=connector,
         )
-        .learners(num_learners=0, num_cpus_per_learner=RUNNER_CPUS)
-        .resources(num_cpus_for_main_process=RUNNER_CPUS)
+        .learners(num_learners=0, num_cpus_per_learner=cpus)
+        .resources(num_cpus_for_main_process=cpus, custom_resources_for_main_process=ON_HEAD)
         .rl_module(rl_module_spec=spec)
         .training(
             lr=s["lr"],
@@ -217,7 +250,9 @@ def _action_space(settings: dict[str, Any]) -> gym.Space:
 def trial_resources(settings: dict[str, Any]) -> tune.PlacementGroupFactory:
     """What a stage trial reserves: its main process plus one bundle per env runner."""
     if settings["algo"] == "random":
-        return tune.PlacementGroupFactory([{"CPU": RUNNER_CPUS}])
+        return tune.PlacementGroupFactory(
+            [{"CPU": settings.get("runner_cpus", RUNNER_CPUS), **ON_HEAD}]
+        )
     config = algo_config(settings)
     return config.algo_class.default_resource_request(config)
 
@@ -309,6 +344,7 @@ def stage_settings(
         "policy": search.policy,
         "hidden": search.hidden,
         "env_runners": search.env_runners,
+        "runner_cpus": runner_cpus(search.env_runners),
         "sample_timeout_s": sample_timeout_s,
         "iterations": stage_cfg.iterations,
         "episodes_per_iteration": stage_cfg.episodes_per_iteration,

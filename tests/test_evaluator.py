@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from envs.costs import model_costs
-from envs.evaluation import Child, load_evaluator
+from envs.evaluation import Child, ChildResult, load_evaluator
 from envs.spec import arch_hash
 from envs.surgery import make_child
 from pipeline.data import load_dataset
@@ -92,6 +92,20 @@ class CrashOnce(nn.Module):
             open(self.marker, "w").close()
             os._exit(1)
         return self.fc(x.flatten(1))
+
+
+class AlwaysCrashes(nn.Module):
+    """Kills its worker process every time it runs and counts its attempts in a file."""
+
+    def __init__(self, counter: str) -> None:
+        super().__init__()
+        self.counter = counter
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with open(self.counter, "a") as f:
+            f.write("x\n")
+        os._exit(1)
 
 
 class AlwaysRaises(nn.Module):
@@ -272,15 +286,72 @@ def test_unschedulable_task_hits_the_hard_timeout(ray_cluster, teacher_dir, teac
     assert result.failed and result.error.startswith("ChildTimeoutError: no result within 2 s")
 
 
-def test_lost_worker_is_retried_but_a_raising_child_is_not(ray_cluster, teacher_dir, tmp_path):
-    ev = KDEvaluator(teacher=teacher_dir, distill={"steps": 5}, max_retries=1, cache=False)
-    crash = ev.evaluate(odd_child(CrashOnce(str(tmp_path / "crashed")), "crash"))
-    assert (tmp_path / "crashed").exists()  # the first attempt died
-    assert crash.error is None and crash.kd_steps == 5
-    counter = tmp_path / "attempts"
-    raised = ev.evaluate(odd_child(AlwaysRaises(str(counter)), "raise"))
-    assert raised.error == "RuntimeError: boom in forward"
-    assert counter.read_text().count("x") == 1
+def test_lost_worker_is_retried_and_counted_but_a_raising_child_is_not(
+    ray_cluster, teacher_dir, tmp_path
+):
+    ev = KDEvaluator(
+        teacher=teacher_dir, distill={"steps": 5}, max_retries=1,
+        cache_name=f"test-{uuid.uuid4().hex}",
+    )  # fmt: skip
+    try:
+        child = odd_child(CrashOnce(str(tmp_path / "crashed")), "crash")
+        crash = ev.evaluate(child)
+        assert (tmp_path / "crashed").exists()  # the first attempt died
+        assert crash.error is None and crash.kd_steps == 5
+        assert crash.extra["retries"] == 1 and ev.tasks_submitted == 2
+        again = ev.evaluate(child)  # the cache keeps the result, not the retry
+        assert again.cache_hit and again.accuracy == crash.accuracy
+        assert "retries" not in again.extra
+
+        counter = tmp_path / "crashes"
+        lost = ev.evaluate(odd_child(AlwaysCrashes(str(counter)), "always-crash"))
+        assert counter.read_text().count("x") == 2  # the first run and its one retry
+        assert lost.failed and lost.error.startswith("WorkerCrashedError: ")
+        assert lost.error.endswith("(lost 2 times, max_retries=1)") and lost.extra["retries"] == 1
+        assert ev.cache_stats()["pending"] == 0 and ev.cache_stats()["size"] == 1  # not cached
+
+        counter = tmp_path / "attempts"
+        raised = ev.evaluate(odd_child(AlwaysRaises(str(counter)), "raise"))
+        assert raised.error == "RuntimeError: boom in forward"
+        assert counter.read_text().count("x") == 1 and "retries" not in raised.extra
+    finally:
+        ev.close()
+
+
+class Owner:
+    """An env runner stand-in whose evaluator owns the child task it submits."""
+
+    def __init__(self, config: dict) -> None:
+        self.evaluator = load_evaluator("pipeline.evaluator:KDEvaluator", config)
+
+    def evaluate(self, child: Child) -> ChildResult:
+        return self.evaluator.evaluate(child)
+
+
+def test_a_runner_whose_producer_died_takes_the_training_over(ray_cluster, teacher_dir, teacher):
+    import time
+
+    shared = KDEvaluator(
+        teacher=teacher_dir, distill={"steps": 200}, cache_name=f"test-{uuid.uuid4().hex}"
+    )
+    try:
+        producer = ray_cluster.remote(num_cpus=0)(Owner).remote(shared.config())
+        producer.evaluate.remote(surgery(teacher, **REDUCED))
+        deadline = time.monotonic() + 60
+        while shared.cache_stats()["pending"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert shared.cache_stats()["pending"] == 1
+        # This runner joins the producer's training, whose owner then dies (a lost env runner).
+        joiner = load_evaluator("pipeline.evaluator:KDEvaluator", shared.config())
+        ray_cluster.kill(producer)
+        result = joiner.evaluate(surgery(teacher, **REDUCED))
+        assert result.error is None and result.kd_steps == 200
+        assert result.extra["retries"] == 1 and joiner.tasks_submitted == 1
+        assert not result.cache_hit  # trained by the joiner itself, after the take-over
+        stats = shared.cache_stats()
+        assert stats["pending"] == 0 and stats["size"] == 1
+    finally:
+        shared.close()
 
 
 def test_local_mode_needs_no_cluster(teacher_dir, teacher):
