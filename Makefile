@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHECKOV := .venv-checkov/bin/checkov
 APT_PACKAGES := dataset-fashion-mnist chromium chromium-driver
 
 .PHONY: demo test lint system-deps bench compare compare-quick clean
@@ -20,9 +21,14 @@ demo: $(STAMP)
 	$(BIN)/n2n run
 
 ## Install and run the whole test suite (real Ray, RLlib, KD training, mlflow server, Chromium).
-test: $(STAMP) system-deps
+test: $(STAMP) $(CHECKOV) system-deps
 	$(BIN)/ruff check envs pipeline tests benchmarks
 	$(BIN)/pytest
+
+## checkov scans the rendered chart (tests/test_chart_security.py); its pins conflict with ours.
+$(CHECKOV):
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install -q checkov==3.3.30
 
 ## Debian packages the tests use: Fashion-MNIST files and a headless browser (root only).
 system-deps:
@@ -47,4 +53,4 @@ compare-quick: $(STAMP)
 	$(BIN)/python benchmarks/compare.py --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs mlruns mlflow.db
+	rm -rf $(VENV) .venv-checkov .pytest_cache runs mlruns mlflow.db

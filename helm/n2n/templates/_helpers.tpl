@@ -71,6 +71,42 @@ MLflow: name of its Deployment, Service and PVC; its image; the tracking URI the
 {{- printf "%s:%s" $repository $tag -}}
 {{- end -}}
 
+{{/*
+The MLflow login Secret: the user's, or the one the chart generates.
+*/}}
+{{- define "n2n.mlflow.authSecretName" -}}
+{{- default (printf "%s-auth" (include "n2n.mlflow.fullname" .)) .Values.mlflow.auth.existingSecret -}}
+{{- end -}}
+
+{{/*
+True (non-empty) when the Ray side logs in to the chart's own MLflow server.
+*/}}
+{{- define "n2n.mlflow.loginFromSecret" -}}
+{{- if and .Values.mlflow.enabled .Values.mlflow.auth.enabled (not .Values.tracking.uri) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The shared volume for run directories, Tune storage and the reward cache: its claim name, or
+empty when `sharedVolume.enabled` is false.
+*/}}
+{{- define "n2n.sharedVolume.claimName" -}}
+{{- if .Values.sharedVolume.enabled -}}
+{{- default (printf "%s-results" (include "n2n.fullname" .)) .Values.sharedVolume.existingClaim -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The run directory the job writes to (and resumes from): `output.runDir`, or a folder named after
+the release on the shared volume; empty leaves n2n's own default.
+*/}}
+{{- define "n2n.runDir" -}}
+{{- if .Values.output.runDir -}}
+{{- .Values.output.runDir -}}
+{{- else if include "n2n.sharedVolume.claimName" . -}}
+{{- printf "%s/runs/%s" (trimSuffix "/" .Values.sharedVolume.mountPath) (include "n2n.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "n2n.trackingUri" -}}
 {{- if .Values.tracking.uri -}}
 {{- .Values.tracking.uri -}}
@@ -109,28 +145,110 @@ entrypoint is a shell command line (`ray job submit -- <entrypoint>`).
 {{- end -}}
 
 {{/*
-Checks that values agree with each other (types and ranges are values.schema.json's job).
-Rendered once by every template that needs it, so any of them fails with the same message.
+Checks that values agree with each other and with what the KubeRay operator accepts (types and
+ranges are values.schema.json's job). Rendered once by every template that needs it, so any of
+them fails with the same message. KubeRay's own rules are in ray-operator/controllers/ray/utils/
+validation.go (ValidateRayJobMetadata, ValidateRayJobSpec, ValidateRayClusterMetadata);
+tests/kuberay_rules.py applies them to every rendering.
 */}}
 {{- define "n2n.validate" -}}
+{{- $name := include "n2n.fullname" . -}}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) -}}
+{{- fail (printf "the resource name %q (from the release name) must start with a lowercase letter and hold only lowercase letters, digits and '-', as KubeRay and Kubernetes Service names require: install under a release name like n2n-%s, or set fullnameOverride" $name (regexReplaceAll "[^-a-z0-9]" $name "-")) -}}
+{{- end -}}
+{{- $maxName := ternary 47 53 .Values.job.enabled -}}
+{{- if gt (len $name) $maxName -}}
+{{- fail (printf "the %s name %q has %d characters and KubeRay refuses more than %d (it adds a suffix for the cluster's own objects): use a shorter release name or set fullnameOverride" (ternary "RayJob" "RayCluster" .Values.job.enabled) $name (len $name) $maxName) -}}
+{{- end -}}
 {{- if and (not .Values.tracking.uri) (not .Values.mlflow.enabled) -}}
 {{- fail "tracking.uri is empty and mlflow.enabled is false: set tracking.uri to your MLflow server (http://host:port) or mlflow.enabled=true" -}}
+{{- end -}}
+{{- if and .Values.mlflow.enabled (ne .Values.mlflow.service.type "ClusterIP") (not .Values.mlflow.auth.enabled) -}}
+{{- fail (printf "mlflow.service.type=%s exposes MLflow outside the cluster, and mlflow.auth.enabled=false would let anyone read and change every run: set mlflow.auth.enabled=true, or keep mlflow.service.type=ClusterIP and use kubectl port-forward" .Values.mlflow.service.type) -}}
 {{- end -}}
 {{- $gpusPerChild := .Values.ray.gpusPerChild | default 0 | float64 -}}
 {{- if and (gt $gpusPerChild 0.0) (eq (int .Values.ray.workers.gpus) 0) -}}
 {{- fail (printf "ray.gpusPerChild=%v asks for GPUs but ray.workers.gpus=0, so children would never be scheduled: set ray.workers.gpus to the GPUs of each worker pod (for example 1)" .Values.ray.gpusPerChild) -}}
 {{- end -}}
-{{- $w := .Values.ray.workers -}}
+{{- $groups := list (list "ray.workers" .Values.ray.workers) -}}
+{{- if .Values.ray.cpuWorkers.enabled -}}
+{{- $groups = append $groups (list "ray.cpuWorkers" .Values.ray.cpuWorkers) -}}
+{{- if eq .Values.ray.cpuWorkers.groupName .Values.ray.workers.groupName -}}
+{{- fail (printf "ray.cpuWorkers.groupName and ray.workers.groupName are both %q, and each worker group needs its own name: rename one" .Values.ray.workers.groupName) -}}
+{{- end -}}
+{{- end -}}
+{{- range $groups -}}
+{{- $key := index . 0 -}}
+{{- $w := index . 1 -}}
 {{- if or (gt (int $w.minReplicas) (int $w.replicas)) (gt (int $w.replicas) (int $w.maxReplicas)) -}}
-{{- fail (printf "ray.workers needs minReplicas <= replicas <= maxReplicas, got %v <= %v <= %v: fix the three values" $w.minReplicas $w.replicas $w.maxReplicas) -}}
+{{- fail (printf "%s needs minReplicas <= replicas <= maxReplicas, got %v <= %v <= %v: fix the three values" $key $w.minReplicas $w.replicas $w.maxReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- include "n2n.validateDeletion" . -}}
+{{- if and .Values.job.enabled (not (include "n2n.runDir" .)) -}}
+{{- fail "sharedVolume.enabled=false and output.runDir is empty, so the run directory would be a relative path in the head pod, which n2n refuses inside a Ray job because it dies with the cluster: keep sharedVolume.enabled=true (a ReadWriteMany claim), or set output.runDir to an absolute path (and output.storagePath=s3://... for the checkpoints)" -}}
+{{- end -}}
+{{- if .Values.job.resume -}}
+{{- if ne .Values.job.command "run" -}}
+{{- fail (printf "job.resume=true continues an `n2n run`, but job.command=%s: set job.command=run" .Values.job.command) -}}
+{{- end -}}
+{{- if or .Values.job.overrides .Values.job.config -}}
+{{- fail "job.resume=true continues the run with its own saved config, so job.overrides and job.config would be ignored: remove them" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
 {{/*
-The command the RayJob runs on the head (or that README shows for `ray job submit`).
+KubeRay's rules for shutdownAfterJobFinishes, ttlSecondsAfterFinished and deletionStrategy
+(validateDeletionConfiguration, validateDeletionRules in KubeRay's validation.go).
+*/}}
+{{- define "n2n.validateDeletion" -}}
+{{- $job := .Values.job -}}
+{{- if and (not $job.shutdownAfterJobFinishes) (gt (int $job.ttlSecondsAfterFinished) 0) -}}
+{{- fail (printf "job.ttlSecondsAfterFinished=%v only applies with job.shutdownAfterJobFinishes=true, and KubeRay refuses a RayJob that sets it otherwise: set job.ttlSecondsAfterFinished=0 (job.deletionStrategy decides what is deleted when), or job.shutdownAfterJobFinishes=true with job.deletionStrategy=null" $job.ttlSecondsAfterFinished) -}}
+{{- end -}}
+{{- $rules := list -}}
+{{- with $job.deletionStrategy -}}{{- $rules = .deletionRules | default list -}}{{- end -}}
+{{- if and $job.shutdownAfterJobFinishes $rules -}}
+{{- fail "job.shutdownAfterJobFinishes=true and job.deletionStrategy.deletionRules are mutually exclusive in KubeRay: set job.deletionStrategy=null to delete by the TTL, or job.shutdownAfterJobFinishes=false to delete by the rules" -}}
+{{- end -}}
+{{- $ttls := dict -}}
+{{- range $i, $rule := $rules -}}
+{{- $c := $rule.condition -}}
+{{- $status := ternary (printf "jobStatus %s" ($c.jobStatus | toString)) (printf "jobDeploymentStatus %s" ($c.jobDeploymentStatus | toString)) (hasKey $c "jobStatus") -}}
+{{- if and (eq $rule.policy "DeleteWorkers") $.Values.ray.autoscaling.enabled -}}
+{{- fail (printf "job.deletionStrategy.deletionRules[%d] uses DeleteWorkers, which KubeRay refuses while ray.autoscaling.enabled=true: use DeleteCluster, or turn autoscaling off" $i) -}}
+{{- end -}}
+{{- $key := printf "%s/%s" $status $rule.policy -}}
+{{- if hasKey $ttls $key -}}
+{{- fail (printf "job.deletionStrategy.deletionRules has two %s rules for %s, and KubeRay refuses duplicates: keep one" $rule.policy $status) -}}
+{{- end -}}
+{{- $_ := set $ttls $key (int ($c.ttlSeconds | default 0)) -}}
+{{- end -}}
+{{- range $key, $ttl := $ttls -}}
+{{- $status := index (splitList "/" $key) 0 -}}
+{{- $policy := index (splitList "/" $key) 1 -}}
+{{- $order := list "DeleteWorkers" "DeleteCluster" "DeleteSelf" -}}
+{{- if has $policy $order -}}
+{{- range $later := slice $order (add1 (int (index (dict "DeleteWorkers" 0 "DeleteCluster" 1 "DeleteSelf" 2) $policy))) -}}
+{{- $other := printf "%s/%s" $status $later -}}
+{{- if and (hasKey $ttls $other) (lt (int (get $ttls $other)) $ttl) -}}
+{{- fail (printf "job.deletionStrategy.deletionRules for %s delete with %s after %vs but %s after %vs, and KubeRay requires DeleteWorkers <= DeleteCluster <= DeleteSelf: raise the %s ttlSeconds" $status $later (get $ttls $other) $policy $ttl $later) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The command the RayJob runs on the head (or that NOTES show for `ray job submit`).
 */}}
 {{- define "n2n.entrypoint" -}}
+{{- $runDir := include "n2n.runDir" . -}}
 {{- $args := list "n2n" .Values.job.command -}}
+{{- if .Values.job.resume -}}
+{{- $args = concat $args (list "--resume" $runDir "--address" "auto" "--tracking-uri" (include "n2n.trackingUri" .)) -}}
+{{- else -}}
 {{- if .Values.job.config -}}
 {{- $args = concat $args (list "--preset" "/etc/n2n/config.yaml") -}}
 {{- else -}}
@@ -138,11 +256,21 @@ The command the RayJob runs on the head (or that README shows for `ray job submi
 {{- end -}}
 {{- $args = concat $args (list "--address" "auto") -}}
 {{- $sets := list -}}
-{{- /* `n2n teacher` has no --tracking-uri flag; the config key does the same. */ -}}
 {{- if eq .Values.job.command "teacher" -}}
+{{- /* `n2n teacher` has no --tracking-uri flag (the config key does the same) and writes its checkpoint to --out. */ -}}
 {{- $sets = append $sets (printf "tracking.uri=%s" (include "n2n.trackingUri" .)) -}}
+{{- with $runDir -}}
+{{- $args = concat $args (list "--out" .) -}}
+{{- end -}}
 {{- else -}}
 {{- $args = concat $args (list "--tracking-uri" (include "n2n.trackingUri" .)) -}}
+{{- with $runDir -}}
+{{- $args = concat $args (list "--run-dir" .) -}}
+{{- end -}}
+{{- $storage := .Values.output.storagePath | default (ternary (printf "%s/tune" $runDir) "" (ne $runDir "")) -}}
+{{- with $storage -}}
+{{- $args = concat $args (list "--storage-path" .) -}}
+{{- end -}}
 {{- end -}}
 {{- with .Values.tracking.experiment -}}
 {{- $sets = append $sets (printf "tracking.experiment=%s" .) -}}
@@ -153,14 +281,9 @@ The command the RayJob runs on the head (or that README shows for `ray job submi
 {{- if not (kindIs "invalid" .Values.ray.gpusPerChild) -}}
 {{- $sets = append $sets (printf "ray.gpus_per_child=%v" .Values.ray.gpusPerChild) -}}
 {{- end -}}
-{{- with .Values.output.runDir -}}
-{{- $sets = append $sets (printf "output.run_dir=%s" .) -}}
-{{- end -}}
-{{- with .Values.output.storagePath -}}
-{{- $sets = append $sets (printf "output.storage_path=%s" .) -}}
-{{- end -}}
 {{- range concat $sets .Values.job.overrides -}}
 {{- $args = concat $args (list "--set" .) -}}
+{{- end -}}
 {{- end -}}
 {{- $quoted := list -}}
 {{- range $args -}}
@@ -170,11 +293,23 @@ The command the RayJob runs on the head (or that README shows for `ray job submi
 {{- end -}}
 
 {{/*
-Environment of every Ray container: tracking, telemetry off, S3 endpoint.
+Environment of every Ray container: tracking (and its login), telemetry off, S3 endpoint.
 */}}
 {{- define "n2n.ray.env" -}}
 - name: MLFLOW_TRACKING_URI
   value: {{ include "n2n.trackingUri" . | quote }}
+{{- if include "n2n.mlflow.loginFromSecret" . }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "n2n.mlflow.authSecretName" . }}
+      key: admin-username
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "n2n.mlflow.authSecretName" . }}
+      key: admin-password
+{{- end }}
 - name: MLFLOW_DISABLE_TELEMETRY
   value: "true"
 - name: RAY_USAGE_STATS_ENABLED
@@ -216,12 +351,118 @@ Secrets of the Ray containers, by reference only (envFrom): S3 keys and tracking
 {{- end -}}
 
 {{/*
-The RayCluster spec shared by the RayJob (rayClusterSpec) and the standalone RayCluster:
-a CPU head that runs the search driver and one autoscaling worker group for the children.
+Volume mounts and volumes of every Ray container: Ray's session directory on an emptyDir (named
+ray-logs, as KubeRay names the one it shares with the autoscaler sidecar, so both use this one),
+the shared results volume, and on the head the inline config.
+Called with (dict "root" $ "head" true/false).
+*/}}
+{{- define "n2n.ray.volumeMounts" -}}
+- name: ray-logs
+  mountPath: /tmp/ray
+{{- if include "n2n.sharedVolume.claimName" .root }}
+- name: shared
+  mountPath: {{ .root.Values.sharedVolume.mountPath }}
+{{- end }}
+{{- if and .head .root.Values.job.config }}
+- name: n2n-config
+  mountPath: /etc/n2n
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "n2n.ray.volumes" -}}
+- name: ray-logs
+  emptyDir: {}
+{{- with include "n2n.sharedVolume.claimName" .root }}
+- name: shared
+  persistentVolumeClaim:
+    claimName: {{ . }}
+{{- end }}
+{{- if and .head .root.Values.job.config }}
+- name: n2n-config
+  configMap:
+    name: {{ include "n2n.configMapName" .root }}
+{{- end }}
+{{- end -}}
+
+{{/*
+One worker group. Called with (dict "root" $ "group" <values of the group> "gpus" <GPUs per pod>).
+*/}}
+{{- define "n2n.workerGroup" -}}
+{{- $root := .root -}}
+{{- $w := .group -}}
+{{- $gpus := int .gpus -}}
+{{- $envFrom := include "n2n.ray.envFrom" $root -}}
+- groupName: {{ $w.groupName }}
+  replicas: {{ $w.replicas }}
+  minReplicas: {{ $w.minReplicas }}
+  maxReplicas: {{ $w.maxReplicas }}
+  rayStartParams:
+    {{- toYaml $w.rayStartParams | nindent 4 }}
+  template:
+    metadata:
+      labels:
+        {{- include "n2n.labels" $root | nindent 8 }}
+        app.kubernetes.io/component: ray-worker
+    spec:
+      # Workers never call the Kubernetes API.
+      automountServiceAccountToken: false
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
+      containers:
+        - name: ray-worker
+          image: {{ include "n2n.image" $root }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          env:
+            {{- include "n2n.ray.env" $root | nindent 12 }}
+          {{- with $envFrom }}
+          envFrom:
+            {{- trim . | nindent 12 }}
+          {{- end }}
+          {{- $resources := deepCopy $w.resources }}
+          {{- if gt $gpus 0 }}
+          {{- $limits := default (dict) $resources.limits }}
+          {{- $_ := set $limits "nvidia.com/gpu" $gpus }}
+          {{- $_ := set $resources "limits" $limits }}
+          {{- end }}
+          resources:
+            {{- toYaml $resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $root.Values.securityContext | nindent 12 }}
+          volumeMounts:
+            {{- include "n2n.ray.volumeMounts" (dict "root" $root "head" false) | nindent 12 }}
+      volumes:
+        {{- include "n2n.ray.volumes" (dict "root" $root "head" false) | nindent 8 }}
+      {{- with $w.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- $tolerations := $w.tolerations }}
+      {{- if gt $gpus 0 }}
+      {{- $tolerations = append $tolerations (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") }}
+      {{- end }}
+      {{- with $tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $w.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- end -}}
+
+{{/*
+The RayCluster spec shared by the RayJob (rayClusterSpec) and the standalone RayCluster: a head
+that runs the search (driver, trial, env runners) and no child (num-cpus 0), the children's
+autoscaling worker group (GPUs when ray.workers.gpus > 0) and a CPU worker group for CPU-only
+children.
 */}}
 {{- define "n2n.rayClusterSpec" -}}
 {{- $envFrom := include "n2n.ray.envFrom" . -}}
-{{- $gpus := int .Values.ray.workers.gpus -}}
 rayVersion: {{ .Values.ray.version | quote }}
 authOptions:
   mode: {{ .Values.ray.auth.mode }}
@@ -249,6 +490,9 @@ headGroupSpec:
         {{- include "n2n.labels" . | nindent 8 }}
         app.kubernetes.io/component: ray-head
     spec:
+      # The autoscaler sidecar talks to the Kubernetes API with the service account KubeRay
+      # makes for it; without autoscaling nothing on the head needs a token.
+      automountServiceAccountToken: {{ .Values.ray.autoscaling.enabled }}
       {{- with .Values.imagePullSecrets }}
       imagePullSecrets:
         {{- toYaml . | nindent 8 }}
@@ -276,31 +520,10 @@ headGroupSpec:
             {{- toYaml .Values.ray.head.resources | nindent 12 }}
           securityContext:
             {{- toYaml .Values.securityContext | nindent 12 }}
-          {{- if or .Values.job.config .Values.sharedVolume.existingClaim }}
           volumeMounts:
-            {{- if .Values.job.config }}
-            - name: n2n-config
-              mountPath: /etc/n2n
-              readOnly: true
-            {{- end }}
-            {{- if .Values.sharedVolume.existingClaim }}
-            - name: shared
-              mountPath: {{ .Values.sharedVolume.mountPath }}
-            {{- end }}
-          {{- end }}
-      {{- if or .Values.job.config .Values.sharedVolume.existingClaim }}
+            {{- include "n2n.ray.volumeMounts" (dict "root" . "head" true) | nindent 12 }}
       volumes:
-        {{- if .Values.job.config }}
-        - name: n2n-config
-          configMap:
-            name: {{ include "n2n.configMapName" . }}
-        {{- end }}
-        {{- with .Values.sharedVolume.existingClaim }}
-        - name: shared
-          persistentVolumeClaim:
-            claimName: {{ . }}
-        {{- end }}
-      {{- end }}
+        {{- include "n2n.ray.volumes" (dict "root" . "head" true) | nindent 8 }}
       {{- with .Values.ray.head.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -314,69 +537,8 @@ headGroupSpec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
 workerGroupSpecs:
-  - groupName: {{ .Values.ray.workers.groupName }}
-    replicas: {{ .Values.ray.workers.replicas }}
-    minReplicas: {{ .Values.ray.workers.minReplicas }}
-    maxReplicas: {{ .Values.ray.workers.maxReplicas }}
-    rayStartParams:
-      {{- toYaml .Values.ray.workers.rayStartParams | nindent 6 }}
-    template:
-      metadata:
-        labels:
-          {{- include "n2n.labels" . | nindent 10 }}
-          app.kubernetes.io/component: ray-worker
-      spec:
-        {{- with .Values.imagePullSecrets }}
-        imagePullSecrets:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
-        securityContext:
-          {{- toYaml .Values.podSecurityContext | nindent 10 }}
-        containers:
-          - name: ray-worker
-            image: {{ include "n2n.image" . }}
-            imagePullPolicy: {{ .Values.image.pullPolicy }}
-            env:
-              {{- include "n2n.ray.env" . | nindent 14 }}
-            {{- with $envFrom }}
-            envFrom:
-              {{- trim . | nindent 14 }}
-            {{- end }}
-            {{- $resources := deepCopy .Values.ray.workers.resources }}
-            {{- if gt $gpus 0 }}
-            {{- $limits := default (dict) $resources.limits }}
-            {{- $_ := set $limits "nvidia.com/gpu" $gpus }}
-            {{- $_ := set $resources "limits" $limits }}
-            {{- end }}
-            resources:
-              {{- toYaml $resources | nindent 14 }}
-            securityContext:
-              {{- toYaml .Values.securityContext | nindent 14 }}
-            {{- with .Values.sharedVolume.existingClaim }}
-            volumeMounts:
-              - name: shared
-                mountPath: {{ $.Values.sharedVolume.mountPath }}
-            {{- end }}
-        {{- with .Values.sharedVolume.existingClaim }}
-        volumes:
-          - name: shared
-            persistentVolumeClaim:
-              claimName: {{ . }}
-        {{- end }}
-        {{- with .Values.ray.workers.nodeSelector }}
-        nodeSelector:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
-        {{- $tolerations := .Values.ray.workers.tolerations }}
-        {{- if gt $gpus 0 }}
-        {{- $tolerations = append $tolerations (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") }}
-        {{- end }}
-        {{- with $tolerations }}
-        tolerations:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
-        {{- with .Values.ray.workers.affinity }}
-        affinity:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
+  {{- include "n2n.workerGroup" (dict "root" . "group" .Values.ray.workers "gpus" .Values.ray.workers.gpus) | nindent 2 }}
+  {{- if .Values.ray.cpuWorkers.enabled }}
+  {{- include "n2n.workerGroup" (dict "root" . "group" .Values.ray.cpuWorkers "gpus" 0) | nindent 2 }}
+  {{- end }}
 {{- end -}}
