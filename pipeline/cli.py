@@ -1,10 +1,11 @@
-"""The ``n2n`` command line: ``run``, ``teacher``, ``baseline`` and ``sweep``.
+"""The ``n2n`` command line: ``run``, ``teacher``, ``baseline``, ``sweep`` and ``submit``
+(``run`` as a Ray job, see :mod:`pipeline.submit`).
 
 Everything that can be checked without Ray is checked first: the config (preset, ``--set``
 overrides and flags), the run directory, the teacher checkpoint, the dataset, the evaluator's
 import path and the MLflow store. A problem there exits with code 2 and one line on stderr
 before any Ray work starts (argparse's own errors exit 2 too). A failure during the search
-exits 1 with one line; Ctrl+C exits 130 and says how to resume.
+exits 1 with one line; Ctrl+C exits 130 and SIGTERM 143, both saying how to resume.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import preflight
+from pipeline.cluster import cluster_paths_problem
 from pipeline.config import (
     DEFAULT_PRESET,
     ConfigError,
@@ -166,6 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid", action="append", default=[], metavar="KEY=V1,V2",
         help="sweep a config key over values, e.g. --grid seed=0,1,2 --grid search.algo=ppo,random",
     )  # fmt: skip
+
+    from pipeline.submit import add_target_flags
+
+    # `n2n run`'s flags, then the target's (its --address, the job server, replaces run's).
+    submit = commands.add_parser(
+        "submit", conflict_handler="resolve",
+        help="n2n run as a Ray job: on a Ray cluster (--address) or a KubeRay RayJob (--k8s)",
+    )  # fmt: skip
+    _config_flags(submit)
+    _search_flags(submit)
+    submit.add_argument(
+        "--skip-removal", action="store_true", help="skip stage 1 (removal.enabled=false)"
+    )
+    submit.add_argument(
+        "--skip-shrinkage", action="store_true", help="skip stage 2 (shrinkage.enabled=false)"
+    )
+    submit.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory"
+    )
+    add_target_flags(submit)
     return parser
 
 
@@ -262,6 +284,8 @@ def check_run(cfg: RunConfig, resume: bool) -> None:
             f"search.evaluator {cfg.search.evaluator!r} cannot be imported; use 'package.module:Class'"
         ) from None
     preflight.check_address(cfg.ray.address)
+    if problem := cluster_paths_problem(cfg):  # inside a Ray job: results must outlive it
+        raise UsageError(problem)
 
 
 def make_tracker(cfg: RunConfig, register: bool = True) -> Any:
@@ -400,7 +424,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "teacher": cmd_teacher, "sweep": cmd_sweep, "baseline": cmd_baseline}
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import submit
+
+    return submit(args)
+
+
+COMMANDS = {
+    "run": cmd_run, "teacher": cmd_teacher, "sweep": cmd_sweep, "baseline": cmd_baseline,
+    "submit": cmd_submit,
+}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -99,8 +100,8 @@ def init_ray(cfg: RunConfig) -> bool:
     if ray.is_initialized():
         return False
     before = signal.getsignal(signal.SIGTERM)
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=False)
+    if address := ray_address(cfg):
+        ray.init(address=address, log_to_driver=False)
     else:
         ray.init(
             num_cpus=cfg.ray.num_cpus,
@@ -114,6 +115,12 @@ def init_ray(cfg: RunConfig) -> bool:
         # that exits at once, behind a stack dump: keep the caller's.
         signal.signal(signal.SIGTERM, before)
     return True
+
+
+def ray_address(cfg: RunConfig) -> str | None:
+    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (set in a Ray job's driver,
+    as ``ray.init()`` itself would use it), else None for a new local cluster."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def check_resources(cfg: RunConfig) -> None:
@@ -135,7 +142,7 @@ def check_resources(cfg: RunConfig) -> None:
             f"ray.gpus_per_child={cfg.ray.gpus_per_child:g} but the cluster has "
             f"{have.get('GPU', 0):g} GPUs; set ray.gpus_per_child=0 to train children on CPUs"
         )
-    if problems and not cfg.ray.address:
+    if problems and not ray_address(cfg):
         raise ValueError(problems[0])
     for problem in problems:
         logger.warning("%s (waiting for the cluster to scale up)", problem)
