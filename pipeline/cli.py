@@ -114,6 +114,21 @@ def _search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
 
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``n2n run`` (and of ``n2n submit``, which runs it as a job)."""
+    _config_flags(p)
+    _search_flags(p)
+    p.add_argument(
+        "--skip-removal", action="store_true", help="skip stage 1 (removal.enabled=false)"
+    )
+    p.add_argument(
+        "--skip-shrinkage", action="store_true", help="skip stage 2 (shrinkage.enabled=false)"
+    )
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="n2n",
@@ -123,17 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="search for a student: removal, shrinkage, fine-tuning")
-    _config_flags(run)
-    _search_flags(run)
-    run.add_argument(
-        "--skip-removal", action="store_true", help="skip stage 1 (removal.enabled=false)"
-    )
-    run.add_argument(
-        "--skip-shrinkage", action="store_true", help="skip stage 2 (shrinkage.enabled=false)"
-    )
-    run.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory"
-    )
+    _run_flags(run)
 
     teacher = commands.add_parser("teacher", help="train a teacher on the config's dataset")
     _config_flags(teacher)
@@ -176,17 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", conflict_handler="resolve",
         help="n2n run as a Ray job: on a Ray cluster (--address) or a KubeRay RayJob (--k8s)",
     )  # fmt: skip
-    _config_flags(submit)
-    _search_flags(submit)
-    submit.add_argument(
-        "--skip-removal", action="store_true", help="skip stage 1 (removal.enabled=false)"
-    )
-    submit.add_argument(
-        "--skip-shrinkage", action="store_true", help="skip stage 2 (shrinkage.enabled=false)"
-    )
-    submit.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory"
-    )
+    _run_flags(submit)
     add_target_flags(submit)
     return parser
 

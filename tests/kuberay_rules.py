@@ -526,3 +526,21 @@ def validate_rayjob_spec(rayjob: dict[str, Any], gates: dict[str, bool]) -> None
         )
     if backoff is not None and backoff < 0:
         raise Refused("The RayJob spec is invalid: backoffLimit must be a positive integer")
+
+
+def strict_schema(schema: Any) -> Any:
+    """A copy of a CRD schema that rejects unknown fields where the API server would prune them
+    (as ``kubectl --validate=strict`` does)."""
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict_schema(value) for key, value in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+        and out["properties"].keys() - {"apiVersion", "kind", "metadata"}
+    ):
+        out["additionalProperties"] = False
+    return out

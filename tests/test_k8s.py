@@ -45,7 +45,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from pipeline.cli import build_parser, config_from_args  # noqa: E402
 from pipeline.config import validate_config  # noqa: E402
-from tests.kuberay_rules import refusal  # noqa: E402
+from tests.kuberay_rules import refusal, strict_schema  # noqa: E402
 from tests.mlflow_server import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,23 +136,6 @@ def mlflow_allowed_hosts(deployment: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- schemas
 
 
-def _strict(schema: Any) -> Any:
-    """A copy of a CRD schema that rejects unknown fields where the API server would prune them."""
-    if isinstance(schema, list):
-        return [_strict(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {key: _strict(value) for key, value in schema.items()}
-    if (
-        "properties" in out
-        and "additionalProperties" not in out
-        and not out.get("x-kubernetes-preserve-unknown-fields")
-        and out["properties"].keys() - {"apiVersion", "kind", "metadata"}
-    ):
-        out["additionalProperties"] = False
-    return out
-
-
 def _missing_crds() -> list[str]:
     return [name for name in CRD_FILES.values() if not (CRDS_DIR / name).is_file()]
 
@@ -171,7 +154,7 @@ def crd_validators() -> dict[str, Any]:
     for kind, name in CRD_FILES.items():
         crd = yaml.load((CRDS_DIR / name).read_text(), Loader=loader)
         version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-        schema = _strict(version["schema"]["openAPIV3Schema"])
+        schema = strict_schema(version["schema"]["openAPIV3Schema"])
         validators[kind] = jsonschema.Draft7Validator(schema)
     return validators
 

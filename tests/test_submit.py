@@ -40,6 +40,7 @@ from pipeline.cli import build_parser, main
 from pipeline.cluster import cluster_paths_problem, sqlite_artifact_root
 from pipeline.config import load_config
 from pipeline.submit import auth_token, job_preset
+from tests.kuberay_rules import refusal, strict_schema
 from tests.mlflow_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -479,23 +480,6 @@ class KubeStandIn:
         return Handler
 
 
-def _strict(schema: Any) -> Any:
-    """A CRD schema that rejects unknown fields where the API server would prune them."""
-    if isinstance(schema, list):
-        return [_strict(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {key: _strict(value) for key, value in schema.items()}
-    if (
-        "properties" in out
-        and "additionalProperties" not in out
-        and not out.get("x-kubernetes-preserve-unknown-fields")
-        and out["properties"].keys() - {"apiVersion", "kind", "metadata"}
-    ):
-        out["additionalProperties"] = False
-    return out
-
-
 @pytest.fixture(scope="module")
 def rayjob_schema() -> Any:
     jsonschema = pytest.importorskip("jsonschema")
@@ -504,7 +488,7 @@ def rayjob_schema() -> Any:
         pytest.skip(f"KubeRay CRDs not found in {CRDS_DIR}: set KUBERAY_CRDS_DIR")
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+    return jsonschema.Draft7Validator(strict_schema(version["schema"]["openAPIV3Schema"]))
 
 
 def check_rayjob(rayjob: dict[str, Any], schema: Any) -> None:
@@ -517,12 +501,8 @@ def check_rayjob(rayjob: dict[str, Any], schema: Any) -> None:
         assert spec["shutdownAfterJobFinishes"] is True
     assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
-    try:  # the operator's Go admission rules, ported (tests/kuberay_rules.py), when present
-        from tests.kuberay_rules import refusal
-    except ImportError:
-        pass
-    else:
-        assert refusal(rayjob) is None, refusal(rayjob)
+    # The operator's Go admission rules, ported (tests/kuberay_rules.py).
+    assert refusal(rayjob) is None, refusal(rayjob)
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     cluster = spec["rayClusterSpec"]
     for template in [cluster["headGroupSpec"]["template"]] + [
