@@ -43,7 +43,7 @@ from pipeline.config import RunConfig
 from pipeline.finetune import finetune, top_candidates
 from pipeline.outputs import RunDir, ok
 from pipeline.progress import Clock, StageMonitor, tracked_metrics
-from pipeline.search import ENV_CLASSES, RUNNER_CPUS, STAGES, child_log, run_stage, stage_settings
+from pipeline.search import ENV_CLASSES, STAGES, child_log, run_stage, runner_cpus, stage_settings
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ def check_resources(cfg: RunConfig) -> None:
     A joined cluster (``ray.address``) may autoscale, so there a shortfall is only a warning.
     """
     have = ray.cluster_resources()
-    need_cpu = RUNNER_CPUS * (1 + cfg.search.env_runners) + cfg.ray.cpus_per_child
+    need_cpu = runner_cpus(cfg.search.env_runners) * (1 + cfg.search.env_runners)
+    need_cpu += cfg.ray.cpus_per_child
     problems = []
     if have.get("CPU", 0) + 1e-9 < need_cpu:
         problems.append(

@@ -28,7 +28,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.outputs import RunDir
-from pipeline.search import ON_HEAD, stage_settings, trial_resources
+from pipeline.search import ON_HEAD, RUNNER_CPUS, runner_cpus, stage_settings, trial_resources
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
@@ -61,6 +61,13 @@ def test_the_trial_and_its_env_runners_ask_for_the_head_node() -> None:
         bundles = trial_resources(settings).bundles
         assert len(bundles) == (1 if algo == "random" else 3), bundles  # main + 2 runners
         assert all(bundle[name] == ON_HEAD[name] for bundle in bundles for name in ON_HEAD)
+
+
+def test_the_search_reserves_head_cpus_only_where_the_head_has_them(ray_cluster) -> None:
+    # The session's local cluster has 2 CPUs: main process + 7 env runners fit at 0.25 each,
+    # + 8 do not, and then (as on a KubeRay head with num-cpus 0) they reserve none.
+    assert runner_cpus(1) == runner_cpus(7) == RUNNER_CPUS
+    assert runner_cpus(8) == 0.0
 
 
 # --------------------------------------------------------------------------- slow
