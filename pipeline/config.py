@@ -139,7 +139,10 @@ class DistillConfig(_Section):
         1800.0, gt=0, description="A child training longer fails with reward -1."
     )
     channels_last: bool = Field(
-        True, description="Channels-last memory format for image batches (faster on CPU and GPU)."
+        True,
+        description="Channels-last memory format for image batches (faster on CPU and GPU); on "
+        "the CPU, children with a strided 1x1 conv of under 16 input channels train in NCHW "
+        "(a oneDNN bug).",
     )
     early_stop: bool = Field(
         False,

@@ -81,8 +81,9 @@ class DistillConfig:
     """Mixed precision (bfloat16, or float16 with loss scaling) when on CUDA; ignored on CPU."""
     channels_last: bool = True
     """Channels-last memory format for image batches (4-D inputs), on CUDA and on CPU alike:
-    a CPU training step (1 thread, batch 128) measured 1.0-1.8x faster than NCHW across the
-    zoo, shrunk children with odd channel counts included, and never slower."""
+    a CPU training step (1 thread, batch 128) measured 1.3-1.6x faster than NCHW across the
+    zoo (``benchmarks/step_time.py``). On the CPU a child that :func:`channels_last_is_safe`
+    refuses trains in NCHW whatever this says."""
     measure_initial: bool = False
     """Also score the child before training (recorded as ``initial_accuracy``): a diagnostic
     that costs one more pass over the validation data, so off by default."""
@@ -342,7 +343,12 @@ def distill(
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     images = train_x.dim() == 4
-    memory_format = torch.channels_last if images and cfg.channels_last else torch.preserve_format
+    memory_format = torch.preserve_format
+    if images and not channels_last_is_safe(student, device):
+        # NCHW explicitly, whatever cfg says: channels-last weights alone pull oneDNN to it.
+        memory_format = torch.contiguous_format
+    elif images and cfg.channels_last:
+        memory_format = torch.channels_last
     student.to(device=device, memory_format=memory_format)
     if teacher is not None:
         teacher.eval().to(device=device, memory_format=memory_format)
@@ -469,6 +475,29 @@ def distill(
         curve=curve,
         stopped_early=stopped,
     )
+
+
+def channels_last_is_safe(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``model`` may train in channels-last on ``device``.
+
+    On x86 CPUs, oneDNN's 1x1 convolution weight gradient with a stride above 1 and fewer input
+    channels (per group) than its channel block (8 with AVX2, 16 with AVX-512) writes past its
+    workspace when the source is channels-last (uxlfoundation/oneDNN#6035; reproduced with the
+    oneDNN of torch 2.14.1): the worker dies of heap corruption, or the gradients are wrong.
+    Shrunk children meet that case (a ResNet downsample narrowed to a few channels), so such a
+    model trains in NCHW on the CPU, where oneDNN uses its blocked layout and is correct.
+    """
+    if device.type != "cpu":
+        return True
+    for module in model.modules():
+        if (
+            isinstance(module, nn.Conv2d)
+            and all(k == 1 for k in module.kernel_size)
+            and any(s > 1 for s in module.stride)
+            and module.in_channels // module.groups < 16
+        ):
+            return False
+    return True
 
 
 def _make_optimizer(model: nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:

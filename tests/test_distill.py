@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -18,6 +21,7 @@ from pipeline.distill import (
     ChildTimeoutError,
     DistillConfig,
     NonFiniteLossError,
+    channels_last_is_safe,
     distill,
     evaluate_accuracy,
     kd_loss,
@@ -185,3 +189,58 @@ def test_latency_is_measured_per_batch_size(teacher):
     timings = measure_latency(teacher.model, (1, 8, 8), batch_sizes=(1, 32), repeats=3)
     assert set(timings) == {1, 32}
     assert all(0 < t < 5 for t in timings.values())
+
+
+NARROW_STRIDED_1X1 = textwrap.dedent(
+    """
+    import copy, sys, torch
+    from envs.compressors import budget_student
+    from pipeline.data import load_dataset
+    from pipeline.distill import DistillConfig, distill
+
+    torch.set_num_threads(1)
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    # kd-student's ResNet-18 for a 4,000-parameter budget: 4-channel stride-2 1x1 downsamples.
+    student, _ = budget_student("resnet18", 4000, [1, 8, 8], 10)
+    logits = torch.randn(len(data.train[1]), 10)
+    trained = {}
+    for channels_last in (True, False):
+        model = copy.deepcopy(student).to(memory_format=torch.channels_last)
+        cfg = DistillConfig(steps=30, lr=0.05, channels_last=channels_last, device="cpu")
+        distill(model, *data.train, logits, *data.val, cfg)
+        trained[channels_last] = model
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(trained[True].state_dict().values(), trained[False].state_dict().values())
+    )
+    contiguous = all(p.is_contiguous() for p in trained[True].parameters())
+    print("same", same, "contiguous", contiguous)
+    """
+)
+
+
+def test_narrow_strided_1x1_convs_train_in_nchw_on_the_cpu():
+    """oneDNN's channels-last weight gradient of a strided 1x1 conv with few input channels
+    corrupts the heap (AVX2) or is wrong (AVX-512); such a child trains in NCHW, even when its
+    weights arrive channels-last, and comes out exactly as with channels_last off. In a
+    subprocess, since the bug kills the process that meets it."""
+    done = subprocess.run(
+        [sys.executable, "-c", NARROW_STRIDED_1X1], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-4:] == ["same", "True", "contiguous", "True"], done.stdout
+
+
+def test_channels_last_is_refused_only_where_onednn_is_wrong():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    narrow = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 8, 1, stride=2))
+    assert not channels_last_is_safe(narrow, cpu) and channels_last_is_safe(narrow, cuda)
+    for safe in (
+        nn.Conv2d(16, 8, 1, stride=2),  # a full channel block
+        nn.Conv2d(4, 8, 1),  # unit stride
+        nn.Conv2d(4, 8, 3, stride=2),  # not 1x1
+        nn.Conv2d(32, 32, 1, stride=2, groups=2),  # 16 per group
+    ):
+        assert channels_last_is_safe(nn.Sequential(safe), cpu), safe
+    assert not channels_last_is_safe(nn.Conv2d(32, 32, 1, stride=2, groups=4), cpu)
