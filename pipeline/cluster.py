@@ -28,6 +28,9 @@ from urllib.parse import unquote, urlsplit
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+"""MLflow 3's default store: a SQLite file in the working directory, no server needed."""
+
 JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor in a job's entrypoint process (measured with Ray 2.60; the
 entrypoint has no ``RAY_JOB_ID``, which Ray sets in worker processes of any driver)."""
@@ -108,7 +111,7 @@ def cluster_paths_problem(
             )
     if not cfg.tracking.enabled:
         return None
-    uri = _tracking_uri(cfg.tracking.uri, environ)
+    uri = resolve_tracking_uri(cfg.tracking.uri, environ)
     path = sqlite_path(uri)
     if path is None or path == ":memory:":
         return None
@@ -121,9 +124,14 @@ def cluster_paths_problem(
     return _place_sqlite_experiment(path, cfg.tracking.experiment, cwd, temp)
 
 
-def _tracking_uri(uri: str | None, environ: Mapping[str, str]) -> str:
-    # The same precedence as pipeline.tracking.resolve_tracking_uri, without importing MLflow.
-    return uri or environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+def resolve_tracking_uri(uri: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """``uri`` (``--tracking-uri``), else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
+
+    Here rather than in ``pipeline.tracking`` so that checks made before MLflow is imported
+    resolve the store the run will use.
+    """
+    environ = os.environ if environ is None else environ
+    return uri or environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def _doomed(path: Path, cwd: Path, temp: bool) -> bool:

@@ -48,6 +48,7 @@ from mlflow.exceptions import MlflowException
 from torch import nn
 
 from pipeline import export, plots, registry
+from pipeline.cluster import DEFAULT_TRACKING_URI, resolve_tracking_uri, sqlite_path
 from pipeline.outbox import Outbox, RetryPolicy, TrackingError, call_with_retries
 from pipeline.redaction import clip, flatten_config, redact, scrub, scrub_url
 from pipeline.registry import CHAMPION_ALIAS, RegisteredStudent
@@ -55,8 +56,6 @@ from pipeline.registry import CHAMPION_ALIAS, RegisteredStudent
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-"""MLflow 3's default store: a SQLite file in the working directory, no server needed."""
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 """Opens the experiment in the UI on its runs (model training), not on GenAI traces."""
 UI_VIEW = "workflowType=machine_learning"
@@ -76,11 +75,6 @@ __all__ = [
     "TrackingError",
     "resolve_tracking_uri",
 ]
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri`` (``--tracking-uri``), else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def git_commit(where: Path | None = None) -> str | None:
@@ -212,9 +206,9 @@ class Tracker:
             if status >= 500:
                 raise ValueError(f"MLflow at {self.safe_uri} answers /health with {status}; {fix}")
         elif scheme == "sqlite":
-            path = self.uri.removeprefix("sqlite:///")
-            folder = Path(path).expanduser().resolve().parent
-            if path != ":memory:" and not folder.is_dir():
+            path = sqlite_path(self.uri)
+            folder = Path(path or ".").expanduser().resolve().parent
+            if path not in (None, ":memory:") and not folder.is_dir():
                 raise ValueError(
                     f"MLflow store {self.safe_uri} lies in {folder}, which does not exist; "
                     "create the folder or pass another --tracking-uri"
