@@ -156,10 +156,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from envs.evaluation import Child
     from envs.spec import arch_hash
     from envs.surgery import make_child
-    from pipeline.data import load_dataset
-    from pipeline.distill import DistillConfig, distill
-    from pipeline.evaluator import KDEvaluator
-    from pipeline.teachers import TeacherConfig, load_teacher, train_teacher
+    from pipeline.children.distill import DistillConfig, distill
+    from pipeline.children.evaluator import KDEvaluator
+    from pipeline.data.datasets import load_dataset
+    from pipeline.data.teachers import TeacherConfig, load_teacher, train_teacher
 
     dataset = {"name": "fashion-mnist", "max_train": cfg.max_train}
     splits = load_dataset(**dataset)

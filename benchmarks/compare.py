@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def method_config(base: list[str], preset: str, method: str, teacher: Path, out: Path) -> Any:
     """The run config of one method: the shared settings, its own run directory, no MLflow."""
-    from pipeline.config import load_config
+    from pipeline.config.schema import load_config
 
     algo = {"n2n-ppo": "ppo", "n2n-appo": "appo", "random": "random"}.get(method, "ppo")
     cfg = load_config(preset, [
@@ -95,7 +95,8 @@ def run_method(method: str, cfg: Any, splits: Any, targets: list[int] | None) ->
     """Runs one method; returns ``{"records", "wall_time_s", "child_evaluations", ...}``."""
     from rich.console import Console
 
-    from pipeline import baselines, compress
+    from pipeline.baselines import run as baselines
+    from pipeline.job import run as compress
 
     console = Console(highlight=False)
     started = time.monotonic()
@@ -224,7 +225,7 @@ def log_mlflow(args: argparse.Namespace, out: Path, results: dict, rows: list, d
     """One parent run, a nested run per method; returns the parent run id."""
     import mlflow
 
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.tracker import Tracker
 
     uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
     tracker = Tracker(uri, args.experiment)
@@ -268,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from rich.console import Console
 
-    from pipeline import compress
-    from pipeline.config import load_config
-    from pipeline.outputs import RunDir
+    from pipeline.config.schema import load_config
+    from pipeline.job import run as compress
+    from pipeline.tracking.rundir import RunDir
 
     preset = args.preset or (QUICK_PRESET if args.quick else FULL_PRESET)
     base = [*(QUICK_OVERRIDES if args.quick else FULL_OVERRIDES), *args.overrides]

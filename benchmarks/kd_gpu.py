@@ -4,7 +4,7 @@ The same child (the Fashion-MNIST ResNet-18 teacher shrunk to keep-ratio 0.3 eve
 about 11x fewer parameters) is distilled with the same seed, data, steps and learning rate,
 once with ``amp=True, channels_last=True`` (bfloat16 autocast) and once with both off, then
 once more with early-stopping checkpoints on. Reports wall time per step, validation and test
-accuracy of each, so the GPU path of ``pipeline.distill`` is both checked and measured.
+accuracy of each, so the GPU path of ``pipeline.children.distill`` is both checked and measured.
 
 Usage (on a machine with a GPU)::
 
@@ -27,13 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 from envs.spec import load_checkpoint  # noqa: E402
 from envs.surgery import analyze, make_child  # noqa: E402
-from pipeline.data import load_dataset  # noqa: E402
-from pipeline.distill import (  # noqa: E402
+from pipeline.children.distill import (  # noqa: E402
     DistillConfig,
     distill,
     evaluate_accuracy,
     teacher_logits,
 )
+from pipeline.data.datasets import load_dataset  # noqa: E402
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 
 The environments build a child by surgery and hand it to an *evaluator*, injected through
 ``env_config`` as an object or an import path, so that the same env runs with the real
-knowledge-distillation evaluator on a Ray cluster (``pipeline.evaluator``) or with a fast
+knowledge-distillation evaluator on a Ray cluster (``pipeline.children.evaluator``) or with a fast
 synthetic one in tests. ``envs`` never imports ``pipeline``.
 """
 
@@ -36,7 +36,7 @@ class Child:
     """The reward this child would get at a given validation accuracy, called as
     ``reward_at(accuracy)`` or ``reward_at(accuracy, latency_s=...)`` once its latency is
     measured; non-decreasing in accuracy, and picklable. It lets an evaluator stop a child
-    whose reward cannot matter (see ``pipeline.fidelity``); None where the env did not set it."""
+    whose reward cannot matter (see ``pipeline.children.early_stop``); None where the env did not set it."""
 
 
 @dataclass

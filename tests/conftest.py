@@ -35,7 +35,7 @@ def ray_cluster():
 def digits():
     """scikit-learn's digits split as the demo preset splits them (20% validation, seed 0), so
     that numbers measured here match what ``n2n`` commands on the demo config report."""
-    from pipeline.data import load_dataset
+    from pipeline.data.datasets import load_dataset
 
     return load_dataset("digits", val_fraction=0.2, seed=0)
 
@@ -48,8 +48,8 @@ def digits_teacher_dir(tmp_path_factory):
     """
     import torch
 
-    from pipeline.data import load_dataset
-    from pipeline.teachers import TeacherConfig, train_teacher
+    from pipeline.data.datasets import load_dataset
+    from pipeline.data.teachers import TeacherConfig, train_teacher
 
     digits = load_dataset("digits", val_fraction=0.2, seed=0)
 

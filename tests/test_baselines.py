@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from envs import compressors
 from envs.spec import load_checkpoint
-from pipeline.distill import evaluate_accuracy
-from pipeline.outputs import RunDir
+from pipeline.baselines import compressors
+from pipeline.children.distill import evaluate_accuracy
+from pipeline.tracking.rundir import RunDir
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,7 +26,7 @@ def teacher_dir(digits_teacher_dir) -> Path:
 
 
 def _baseline(ray_cluster, teacher_dir: Path, run_dir: Path, method: str, *extra: str) -> dict:
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     address = ray_cluster.get_runtime_context().gcs_address
     argv = [
@@ -128,7 +128,7 @@ def test_a_baseline_is_tracked_in_mlflow_without_registering(
 
 
 def test_an_unknown_method_exits_2_before_any_work(capsys) -> None:
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["baseline", "magnitude"])

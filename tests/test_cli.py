@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from envs.spec import load_checkpoint
-from pipeline.cli import build_parser, flag_overrides, main
+from pipeline.cli.main import build_parser, flag_overrides, main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -161,8 +161,8 @@ def test_teacher_command_trains_and_saves_a_checkpoint(capsys, tmp_path: Path) -
 
 
 def test_resuming_a_finished_run_prints_its_summary_without_ray(capsys, tmp_path: Path) -> None:
-    from pipeline.config import load_config
-    from pipeline.outputs import RunDir
+    from pipeline.config.schema import load_config
+    from pipeline.tracking.rundir import RunDir
 
     elsewhere = tmp_path / "moved-from"
     run = RunDir(tmp_path / "run")

@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from envs.compressors import (
+from envs.costs import count_params
+from envs.graph import describe, trace
+from envs.models import build_model
+from envs.spec import arch_hash, base_spec, build_from_spec, canonical, teacher_spec
+from envs.surgery import channel_groups, current_channels, dependency_graph, pruning_group
+from pipeline.baselines.compressors import (
     bn_l1_penalty,
     budget_student,
     make_permanent,
@@ -17,11 +22,6 @@ from envs.compressors import (
     spec_of,
     structured_l1,
 )
-from envs.costs import count_params
-from envs.graph import describe, trace
-from envs.models import build_model
-from envs.spec import arch_hash, base_spec, build_from_spec, canonical, teacher_spec
-from envs.surgery import channel_groups, current_channels, dependency_graph, pruning_group
 
 DWSEP = ("dwsep", [1, 8, 8], {"width": 0.25, "in_channels": 1})  # depthwise coupling
 RESNET = ("resnet18", [1, 8, 8], {"width": 0.125, "in_channels": 1})  # residual coupling

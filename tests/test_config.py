@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (
+from pipeline.config.schema import (
     ConfigError,
     RunConfig,
     apply_overrides,
@@ -46,7 +46,7 @@ def test_presets_are_sized_as_documented() -> None:
 def test_defaults_fill_what_a_preset_leaves_out() -> None:
     cfg = load_config("demo")
     assert cfg.tracking.uri == "sqlite:///mlflow.db" and cfg.tracking.enabled
-    assert cfg.search.evaluator == "pipeline.evaluator:KDEvaluator"
+    assert cfg.search.evaluator == "pipeline.children.evaluator:KDEvaluator"
     assert cfg.shrinkage.ratios == [0.125, 0.25, 0.375, 0.5, 0.75, 1.0]
 
 

@@ -27,8 +27,8 @@ from envs.models import build_model, fit_arch
 from envs.rewards import FAILED_REWARD, ChildScore, n2n_reward
 from envs.spec import load_checkpoint, save_checkpoint, teacher_spec
 from envs.surgery import analyze, remove_units, remove_without_growth
-from pipeline.config import ConfigError, load_config
-from pipeline.teachers import teacher_base_spec
+from pipeline.config.schema import ConfigError, load_config
+from pipeline.data.teachers import teacher_base_spec
 
 MOBILENET = "torchvision.models:mobilenet_v2"
 
@@ -235,7 +235,7 @@ def _check_finished(run_dir: Path, arch: str) -> dict:
     ids=["mobilenet_v2", "resnet18"],
 )
 def test_torchvision_teacher_end_to_end(ray_cluster, tmp_path, arch, extra, stem):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     run_dir = tmp_path / "run"
     assert main(_tiny_run(run_dir, "--set", f"teacher.arch={arch}", *extra)) == 0

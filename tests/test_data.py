@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import FASHION_MNIST_DIR, load_dataset, read_idx
+from pipeline.data.datasets import FASHION_MNIST_DIR, load_dataset, read_idx
 
 FASHION_FILES = [
     "train-images-idx3-ubyte.gz",

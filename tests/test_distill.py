@@ -16,8 +16,7 @@ from torch import nn
 
 from envs.costs import count_params
 from envs.surgery import make_child
-from pipeline.data import load_dataset
-from pipeline.distill import (
+from pipeline.children.distill import (
     ChildTimeoutError,
     DistillConfig,
     NonFiniteLossError,
@@ -29,7 +28,8 @@ from pipeline.distill import (
     measure_latency,
     teacher_logits,
 )
-from pipeline.teachers import load_teacher
+from pipeline.data.datasets import load_dataset
+from pipeline.data.teachers import load_teacher
 
 REDUCED = {
     "remove": ["features.6"],
@@ -194,9 +194,9 @@ def test_latency_is_measured_per_batch_size(teacher):
 NARROW_STRIDED_1X1 = textwrap.dedent(
     """
     import copy, sys, torch
-    from envs.compressors import budget_student
-    from pipeline.data import load_dataset
-    from pipeline.distill import DistillConfig, distill
+    from pipeline.baselines.compressors import budget_student
+    from pipeline.data.datasets import load_dataset
+    from pipeline.children.distill import DistillConfig, distill
 
     torch.set_num_threads(1)
     data = load_dataset("digits")

@@ -16,9 +16,9 @@ from envs.costs import model_costs
 from envs.evaluation import Child, ChildResult, load_evaluator
 from envs.spec import arch_hash
 from envs.surgery import make_child
-from pipeline.data import load_dataset
-from pipeline.evaluator import KDEvaluator
-from pipeline.teachers import load_teacher
+from pipeline.children.evaluator import KDEvaluator
+from pipeline.data.datasets import load_dataset
+from pipeline.data.teachers import load_teacher
 
 REDUCED = {
     "remove": ["features.6"],
@@ -154,7 +154,7 @@ def test_cache_prevents_second_training_of_an_architecture(evaluator, teacher):
     a, b = evaluator.evaluate_many([twin_a, twin_b])
     assert evaluator.tasks_submitted == before_tasks + 2
     assert a.accuracy == b.accuracy and not a.cache_hit and b.cache_hit
-    clone = load_evaluator("pipeline.evaluator:KDEvaluator", evaluator.config())
+    clone = load_evaluator("pipeline.children.evaluator:KDEvaluator", evaluator.config())
     copied = pickle.loads(pickle.dumps(evaluator))
     assert clone.evaluate(surgery(teacher, remove=["hidden"])).cache_hit
     assert copied.evaluate(surgery(teacher, remove=["features.13"])).cache_hit
@@ -169,7 +169,7 @@ class EnvRunnerLike:
     """Holds its own copy of an evaluator, as each RLlib env runner does."""
 
     def __init__(self, config: dict) -> None:
-        self.evaluator = load_evaluator("pipeline.evaluator:KDEvaluator", config)
+        self.evaluator = load_evaluator("pipeline.children.evaluator:KDEvaluator", config)
 
     def evaluate(self, child: Child) -> tuple:
         result = self.evaluator.evaluate(child)
@@ -322,7 +322,7 @@ class Owner:
     """An env runner stand-in whose evaluator owns the child task it submits."""
 
     def __init__(self, config: dict) -> None:
-        self.evaluator = load_evaluator("pipeline.evaluator:KDEvaluator", config)
+        self.evaluator = load_evaluator("pipeline.children.evaluator:KDEvaluator", config)
 
     def evaluate(self, child: Child) -> ChildResult:
         return self.evaluator.evaluate(child)
@@ -342,7 +342,7 @@ def test_a_runner_whose_producer_died_takes_the_training_over(ray_cluster, teach
             time.sleep(0.02)
         assert shared.cache_stats()["pending"] == 1
         # This runner joins the producer's training, whose owner then dies (a lost env runner).
-        joiner = load_evaluator("pipeline.evaluator:KDEvaluator", shared.config())
+        joiner = load_evaluator("pipeline.children.evaluator:KDEvaluator", shared.config())
         ray_cluster.kill(producer)
         result = joiner.evaluate(surgery(teacher, **REDUCED))
         assert result.error is None and result.kd_steps == 200
@@ -390,7 +390,7 @@ def _tune_trial(config, evaluator_config, teacher_dir):
     env = RemovalEnv(
         {
             "teacher": teacher_dir,
-            "evaluator": "pipeline.evaluator:KDEvaluator",
+            "evaluator": "pipeline.children.evaluator:KDEvaluator",
             "evaluator_config": evaluator_config,
         }
     )

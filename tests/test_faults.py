@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.outputs import RunDir
+from pipeline.cli.main import main
+from pipeline.tracking.rundir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(cfg: Any) -> bool:
         raise AssertionError("Ray was started for a run that should be refused at the door")
 
-    monkeypatch.setattr("pipeline.compress.init_ray", refuse)
+    monkeypatch.setattr("pipeline.job.run.init_ray", refuse)
 
 
 def _refused(argv: list[str], capsys, monkeypatch, cwd: Path) -> str:
@@ -168,8 +168,8 @@ def test_a_replayed_iteration_is_not_recorded_twice(ray_cluster, tmp_path: Path)
     """Tune restored a trial from a checkpoint older than the driver's records."""
     from types import SimpleNamespace
 
-    from pipeline.progress import Clock, StageMonitor
-    from pipeline.search import ChildLog
+    from pipeline.search.trial import ChildLog
+    from pipeline.tracking.progress import Clock, StageMonitor
 
     out = RunDir(tmp_path)
     out.append_children(_rows("t1", 1, 1, 2) + _rows("t1", 2, 3, 2))
@@ -285,7 +285,7 @@ def test_a_resumed_tracker_continues_the_run_and_sends_what_the_dead_driver_had_
 ) -> None:
     from mlflow import MlflowClient
 
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     teacher = {"params": 1000, "test_accuracy": 0.9, "arch": "small_cnn"}

@@ -23,13 +23,13 @@ from envs.evaluation import Child, ChildResult
 from envs.rewards import ChildScore, n2n_reward
 from envs.spec import arch_hash
 from envs.surgery import make_child
-from pipeline.cache import RewardCache
-from pipeline.config import DistillConfig as DistillSection
-from pipeline.distill import DistillConfig, distill, teacher_logits
-from pipeline.evaluator import KDEvaluator
-from pipeline.fidelity import EarlyStop, accuracy_upper_bound, should_stop
-from pipeline.search import child_row
-from pipeline.teachers import load_teacher
+from pipeline.children.cache import RewardCache
+from pipeline.children.distill import DistillConfig, distill, teacher_logits
+from pipeline.children.early_stop import EarlyStop, accuracy_upper_bound, should_stop
+from pipeline.children.evaluator import KDEvaluator
+from pipeline.config.schema import DistillConfig as DistillSection
+from pipeline.data.teachers import load_teacher
+from pipeline.search.trial import child_row
 
 TEACHER_ACC = 0.95
 TEACHER_PARAMS = 1_000_000

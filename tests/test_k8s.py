@@ -43,8 +43,8 @@ kubernetes_validate = pytest.importorskip(
 )
 jsonschema = pytest.importorskip("jsonschema")
 
-from pipeline.cli import build_parser, config_from_args  # noqa: E402
-from pipeline.config import validate_config  # noqa: E402
+from pipeline.cli.main import build_parser, config_from_args  # noqa: E402
+from pipeline.config.schema import validate_config  # noqa: E402
 from tests.kuberay_rules import refusal, strict_schema  # noqa: E402
 from tests.mlflow_server import free_port  # noqa: E402
 

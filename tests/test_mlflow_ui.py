@@ -16,7 +16,7 @@ from mlflow_server import MlflowServer
 
 from envs.models import SmallCNN
 from envs.spec import base_spec, teacher_spec
-from pipeline.tracking import CHAMPION_ALIAS, Tracker
+from pipeline.tracking.tracker import CHAMPION_ALIAS, Tracker
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

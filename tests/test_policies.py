@@ -12,7 +12,7 @@ from ray.rllib.core.rl_module.apis import TARGET_NETWORK_ACTION_DIST_INPUTS
 from envs.env import RemovalEnv, ShrinkageEnv
 from envs.evaluation import SyntheticEvaluator
 from envs.graph import COL, NUM_FEATURES
-from pipeline.policies import StepLSTMModule, UnitLSTMModule, module_spec
+from pipeline.search.policies import StepLSTMModule, UnitLSTMModule, module_spec
 
 UNITS = 7
 OBS = gym.spaces.Box(0.0, 1.0, (UNITS, NUM_FEATURES), np.float32)

@@ -21,12 +21,12 @@ import pytest
 from envs.env import RemovalEnv, ShrinkageEnv
 from envs.evaluation import SyntheticEvaluator
 from envs.spec import load_checkpoint
-from pipeline import sweeps
-from pipeline.config import load_config
-from pipeline.outputs import RunDir, pareto
-from pipeline.progress import iteration_stats, summary_table
-from pipeline.random_search import random_episode
-from pipeline.search import child_row
+from pipeline.config.schema import load_config
+from pipeline.job import sweeps
+from pipeline.search.random_search import random_episode
+from pipeline.search.trial import child_row
+from pipeline.tracking.progress import iteration_stats, summary_table
+from pipeline.tracking.rundir import RunDir, pareto
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = {
@@ -203,7 +203,7 @@ def test_ppo_beats_random_search_on_the_synthetic_evaluator(ray_cluster, tmp_pat
 
 
 def _run(argv: list[str]) -> int:
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     return main(argv)
 
@@ -243,8 +243,8 @@ def _check_run_dir(run_dir: Path, stages: dict[str, int]) -> dict[str, Any]:
     assert summary["compression_ratio"] == pytest.approx(teacher["params"] / student["params"])
     assert student["val_accuracy"] > 0.5 and student["test_accuracy"] > 0.5  # chance is 0.1
     # The student reloads from spec.json + weights.pt alone to the accuracy reported.
-    from pipeline.data import load_dataset
-    from pipeline.distill import evaluate_accuracy
+    from pipeline.children.distill import evaluate_accuracy
+    from pipeline.data.datasets import load_dataset
 
     splits = load_dataset("digits", val_fraction=0.2, seed=0)
     reloaded = load_checkpoint(run_dir / "best", num_classes=10)

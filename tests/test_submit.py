@@ -1,6 +1,6 @@
 """``n2n submit`` and results that outlive a Ray job.
 
-- Inside a Ray job, ``n2n run`` refuses paths that die with the job (``pipeline.cluster``).
+- Inside a Ray job, ``n2n run`` refuses paths that die with the job (``pipeline.cluster.job_paths``).
 - ``--address``: a real Ray head (``ray start``) with its job server on loopback and token
   authentication on, its token in a temporary HOME; the demo is submitted both with the
   README's ``ray job submit`` line and with ``n2n submit --address``, and the run directory and
@@ -36,10 +36,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from pipeline.cli import build_parser, main
-from pipeline.cluster import cluster_paths_problem, sqlite_artifact_root
-from pipeline.config import load_config
-from pipeline.submit import auth_token, job_preset
+from pipeline.cli.main import build_parser, main
+from pipeline.cluster.job_paths import cluster_paths_problem, sqlite_artifact_root
+from pipeline.cluster.submit import auth_token, job_preset
+from pipeline.config.schema import load_config
 from tests.kuberay_rules import refusal, strict_schema
 from tests.mlflow_server import free_port
 

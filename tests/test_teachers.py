@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from envs.costs import count_params
-from pipeline.data import load_dataset
-from pipeline.teachers import TeacherConfig, load_teacher, teacher_base_spec, train_teacher
+from pipeline.data.datasets import load_dataset
+from pipeline.data.teachers import TeacherConfig, load_teacher, teacher_base_spec, train_teacher
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """MLflow tracking against a real ``mlflow server`` on loopback with a SQLite backend (no mocks).
 
-A tiny search is played through the :class:`~pipeline.tracking.Tracker` the way
-``pipeline.search`` drives it: a teacher and a student really trained on sklearn's digits, two
+A tiny search is played through the :class:`~pipeline.tracking.tracker.Tracker` the way
+``pipeline.search.trial`` drives it: a teacher and a student really trained on sklearn's digits, two
 stages of iterations and children (one child failed), a run directory with the search's files,
 then ``finish``. The tests read everything back through MLflow's own client.
 """
@@ -28,10 +28,10 @@ from mlflow_server import MlflowServer, free_port
 from envs.costs import model_costs
 from envs.models import SmallCNN
 from envs.spec import base_spec, save_checkpoint, teacher_spec
-from pipeline import plots
-from pipeline.data import load_dataset
-from pipeline.redaction import flatten_config, redact, scrub
-from pipeline.tracking import CHAMPION_ALIAS, DEFAULT_TRACKING_URI, RetryPolicy, Tracker
+from pipeline.data.datasets import load_dataset
+from pipeline.tracking import plots
+from pipeline.tracking.redaction import flatten_config, redact, scrub
+from pipeline.tracking.tracker import CHAMPION_ALIAS, DEFAULT_TRACKING_URI, RetryPolicy, Tracker
 
 SECRET = "hunter2-S3CR3T"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -385,7 +385,7 @@ def test_server_restart_mid_run_loses_no_child_record(tmp_path, monkeypatch, cap
     # MLflow's own HTTP retries would hide the outage; leave retrying to the tracker.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.tracker")
     records = [child_record("removal", i, 20000 - 100 * i) for i in range(15)]
     server = MlflowServer(tmp_path / "mlflow").start()
     restarter = None

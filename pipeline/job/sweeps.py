@@ -19,7 +19,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.compress import (
+from pipeline.config.schema import ConfigError, RunConfig, validate_config
+from pipeline.job.run import (
     Job,
     _open_job,
     _release,
@@ -28,10 +29,9 @@ from pipeline.compress import (
     env_config,
     init_ray,
 )
-from pipeline.config import ConfigError, RunConfig, validate_config
-from pipeline.outputs import RunDir
-from pipeline.progress import StageMonitor
-from pipeline.search import ENV_CLASSES, STAGES, run_stage, stage_settings
+from pipeline.search.trial import ENV_CLASSES, STAGES, run_stage, stage_settings
+from pipeline.tracking.progress import StageMonitor
+from pipeline.tracking.rundir import RunDir
 
 SWEEPABLE = ("seed", "search.", "removal.", "shrinkage.", "reward.")
 """Config keys a sweep may vary: the search, not the data, teacher or child budget."""

@@ -20,7 +20,7 @@ import torch
 from mlflow.entities import Metric
 from torch import nn
 
-from pipeline import export
+from pipeline.tracking import export
 
 logger = logging.getLogger(__name__)
 

@@ -127,7 +127,7 @@ def cluster_paths_problem(
 def resolve_tracking_uri(uri: str | None = None, environ: Mapping[str, str] | None = None) -> str:
     """``uri`` (``--tracking-uri``), else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
 
-    Here rather than in ``pipeline.tracking`` so that checks made before MLflow is imported
+    Here rather than in ``pipeline.tracking.tracker`` so that checks made before MLflow is imported
     resolve the store the run will use.
     """
     environ = os.environ if environ is None else environ

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import requests
 from mlflow.exceptions import MlflowException
 
-from pipeline.redaction import scrub
+from pipeline.tracking.redaction import scrub
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ sampled against those expected, so nothing is dropped silently.
 
 Every child an env evaluates is recorded by a :class:`ChildRecorder` wrapper into a
 :class:`ChildLog` actor owned by the driver; the driver drains it after each reported
-iteration (see ``pipeline.progress``) and writes ``children.csv``. The envs themselves know
+iteration (see ``pipeline.tracking.progress``) and writes ``children.csv``. The envs themselves know
 nothing of this (``envs`` never imports ``pipeline``).
 
 Settings for slow environments: one child is one env step (removal, parallel shrinkage) or
@@ -109,9 +109,9 @@ def child_row(info: dict[str, Any]) -> dict[str, Any]:
         "spec",
     )  # fmt: skip
     row = {k: info.get(k) for k in keys}
-    # Stopped early by pipeline.fidelity: accuracy and reward are then lower bounds.
+    # Stopped early by pipeline.children.early_stop: accuracy and reward are then lower bounds.
     row["early_stopped"] = bool(info.get("extra_early_stopped", False))
-    # Times the child's task was lost with its worker or node and run again (pipeline.evaluator).
+    # Times the child's task was lost with its worker or node and run again (pipeline.children.evaluator).
     row["retries"] = int(info.get("extra_retries") or 0)
     row["action"] = [int(a) for a in (row["action"] or [])]
     for key in ("compression", "accuracy", "reward", "wall_time_s"):
@@ -178,7 +178,7 @@ def algo_config(settings: dict[str, Any], env_config: dict[str, Any] | None = No
     from ray.rllib.algorithms.ppo import PPOConfig
 
     from envs.graph import COL
-    from pipeline.policies import module_spec
+    from pipeline.search.policies import module_spec
 
     s = settings
     env_config = env_config if env_config is not None else s["env_config"]
@@ -283,7 +283,7 @@ def stage_trainable(config: dict[str, Any]) -> None:
     env_config = dict(settings["env_config"])
     env_config[TRIAL_KEY] = tune.get_context().get_trial_id() or ""
     if settings["algo"] == "random":
-        from pipeline.random_search import random_search
+        from pipeline.search.random_search import random_search
 
         random_search(settings, env_config)
         return

@@ -16,9 +16,9 @@ What a run leaves in MLflow:
   with alias ``champion``, and an ONNX copy checked with onnxruntime.
 
 Tracking must not cost a search its results: what is logged during the search goes through an
-:class:`~pipeline.outbox.Outbox`, so an outage of the tracking server delays records and loses
+:class:`~pipeline.tracking.outbox.Outbox`, so an outage of the tracking server delays records and loses
 none (the children table is re-sent whole from memory). :meth:`Tracker.start` and
-:meth:`Tracker.finish` raise :class:`~pipeline.outbox.TrackingError` when MLflow stays
+:meth:`Tracker.finish` raise :class:`~pipeline.tracking.outbox.TrackingError` when MLflow stays
 unreachable, since a run without them is not tracked at all.
 """
 
@@ -47,11 +47,11 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from torch import nn
 
-from pipeline import export, plots, registry
-from pipeline.cluster import DEFAULT_TRACKING_URI, resolve_tracking_uri, sqlite_path
-from pipeline.outbox import Outbox, RetryPolicy, TrackingError, call_with_retries
-from pipeline.redaction import clip, flatten_config, redact, scrub, scrub_url
-from pipeline.registry import CHAMPION_ALIAS, RegisteredStudent
+from pipeline.cluster.job_paths import DEFAULT_TRACKING_URI, resolve_tracking_uri, sqlite_path
+from pipeline.tracking import export, plots, registry
+from pipeline.tracking.outbox import Outbox, RetryPolicy, TrackingError, call_with_retries
+from pipeline.tracking.redaction import clip, flatten_config, redact, scrub, scrub_url
+from pipeline.tracking.registry import CHAMPION_ALIAS, RegisteredStudent
 
 logger = logging.getLogger(__name__)
 

@@ -40,10 +40,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.cluster import sqlite_path
-from pipeline.config import DEFAULT_PRESET, RunConfig, load_config, validate_config
-from pipeline.redaction import redact, scrub_url
-from pipeline.submit import (
+from pipeline.cluster.job_paths import sqlite_path
+from pipeline.cluster.submit import (
     EXIT_DEADLINE,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -53,6 +51,8 @@ from pipeline.submit import (
     job_name,
     note,
 )
+from pipeline.config.schema import DEFAULT_PRESET, RunConfig, load_config, validate_config
+from pipeline.tracking.redaction import redact, scrub_url
 
 GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayjobs", "RayJob"
 RAY_VERSION = "2.60.0"
@@ -124,7 +124,7 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
         name = args.name or f"n2n-resume-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         entrypoint, config_yaml = _resume_entrypoint(args, mount), None
     else:
-        from pipeline.cli import flag_overrides
+        from pipeline.cli.main import flag_overrides
 
         cfg = load_config(args.preset or DEFAULT_PRESET, [*args.overrides, *flag_overrides(args)])
         name = args.name or job_name(cfg)

@@ -24,8 +24,8 @@ from torch import nn
 from envs.costs import model_costs
 from envs.models import build_model, fit_arch
 from envs.spec import Checkpoint, load_checkpoint, save_checkpoint, teacher_spec
-from pipeline.data import Splits
-from pipeline.distill import evaluate_accuracy, resolve_device, seed_everything
+from pipeline.children.distill import evaluate_accuracy, resolve_device, seed_everything
+from pipeline.data.datasets import Splits
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The ``n2n`` command line: ``run``, ``teacher``, ``baseline``, ``sweep`` and ``submit``
-(``run`` as a Ray job, see :mod:`pipeline.submit`).
+(``run`` as a Ray job, see :mod:`pipeline.cluster.submit`).
 
 Everything that can be checked without Ray is checked first: the config (preset, ``--set``
 overrides and flags), the run directory, the teacher checkpoint, the dataset, the evaluator's
@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import preflight
-from pipeline.cluster import cluster_paths_problem
-from pipeline.config import (
+from pipeline.cluster import preflight
+from pipeline.cluster.job_paths import cluster_paths_problem
+from pipeline.config.schema import (
     DEFAULT_PRESET,
     ConfigError,
     RunConfig,
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sweep a config key over values, e.g. --grid seed=0,1,2 --grid search.algo=ppo,random",
     )  # fmt: skip
 
-    from pipeline.submit import add_target_flags
+    from pipeline.cluster.submit import add_target_flags
 
     # `n2n run`'s flags, then the target's (its --address, the job server, replaces run's).
     submit = commands.add_parser(
@@ -290,7 +290,7 @@ def make_tracker(cfg: RunConfig, register: bool = True) -> Any:
     """
     if not cfg.tracking.enabled:
         return None
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.tracker import Tracker
 
     registry_name = (cfg.tracking.registry_name or f"n2n-{cfg.name}") if register else None
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, registry_name)
@@ -318,8 +318,8 @@ def _console(quiet: bool) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline import compress
-    from pipeline.progress import summary_table
+    from pipeline.job import run as compress
+    from pipeline.tracking.progress import summary_table
 
     resume = bool(args.resume)
     cfg = config_from_args(args)
@@ -343,8 +343,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_teacher(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline import compress
-    from pipeline.outputs import RunDir
+    from pipeline.job import run as compress
+    from pipeline.tracking.rundir import RunDir
 
     cfg = config_from_args(args)
     out = Path(args.out or f"runs/teacher-{cfg.data.name}-{cfg.teacher.arch}").resolve()
@@ -366,8 +366,9 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 def cmd_baseline(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline import baselines, compress
-    from pipeline.progress import summary_table
+    from pipeline.baselines import run as baselines
+    from pipeline.job import run as compress
+    from pipeline.tracking.progress import summary_table
 
     cfg = load_config(args.preset or DEFAULT_PRESET, [*args.overrides, *flag_overrides(args)])
     if cfg.output.run_dir is None:
@@ -395,7 +396,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline import compress, sweeps
+    from pipeline.job import run as compress
+    from pipeline.job import sweeps
 
     cfg = config_from_args(args)
     grid = dict(cfg.sweep.grid)
@@ -420,7 +422,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipeline.submit import submit
+    from pipeline.cluster.submit import submit
 
     return submit(args)
 

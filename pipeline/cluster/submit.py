@@ -11,7 +11,7 @@ it, its logs are streamed to stdout, and the exit code is the job's outcome:
   ``n2n run`` puts them, not in Ray's temporary copy of the working dir. Ray's token
   (``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``, Ray's own
   order) is sent when there is one, whatever ``RAY_AUTH_MODE`` says.
-- ``--k8s``: a KubeRay RayJob and a ConfigMap with the validated config (``pipeline.kuberay``).
+- ``--k8s``: a KubeRay RayJob and a ConfigMap with the validated config (``pipeline.cluster.kuberay``).
 
 Exit codes (:data:`EXIT_CODES`): 0 the job SUCCEEDED (or ``--no-wait``/``--dry-run``/``--delete``
 did their part); 1 the job FAILED; 2 nothing was started (bad input, no token, cluster not
@@ -35,9 +35,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster import absolute_sqlite_uri
-from pipeline.config import presets
-from pipeline.redaction import scrub, scrub_url
+from pipeline.cluster.job_paths import absolute_sqlite_uri
+from pipeline.config.schema import presets
+from pipeline.tracking.redaction import scrub, scrub_url
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def submit(args: argparse.Namespace) -> int:
     if args.poll <= 0:
         raise SubmitError(f"--poll {args.poll:g} must be above 0 seconds")
     if args.k8s:
-        from pipeline import kuberay
+        from pipeline.cluster import kuberay
 
         return kuberay.delete(args) if args.delete else kuberay.submit(args)
     if args.delete or args.dry_run:
@@ -273,7 +273,7 @@ def local_inputs(cfg: Any, base: Path) -> list[str]:
 
 def prepare_ray_job(args: argparse.Namespace) -> tuple[Any, list[str], Path]:
     """Validates the run here; returns its config, the job's argv and the working dir."""
-    from pipeline.cli import check_run, config_from_args
+    from pipeline.cli.main import check_run, config_from_args
 
     working_dir = project_dir(args.working_dir)
     preset = None if args.resume else job_preset(args.preset, working_dir)

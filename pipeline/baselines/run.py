@@ -2,7 +2,7 @@
 
 Each method starts from the same teacher, ends with the same KD fine-tuning budget as the
 students of ``n2n run`` (``finetune.steps`` at ``finetune.lr``, ``distill``'s loss; see
-``pipeline.finetune.finetune_settings``) and leaves the same records, so a comparison is at
+``pipeline.job.finetune.finetune_settings``) and leaves the same records, so a comparison is at
 equal cost:
 
 - ``l1-unstructured``: L1 magnitude pruning of conv/linear weights (``torch.nn.utils.prune``,
@@ -42,13 +42,13 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from envs import compressors
 from envs.costs import count_params, model_costs
 from envs.rewards import FAILED_REWARD, ChildScore, make_reward
 from envs.spec import save_checkpoint
-from pipeline.config import RunConfig, validate_config
-from pipeline.finetune import finetune_settings, train_student_task, training_payload
-from pipeline.outputs import RunDir
+from pipeline.baselines import compressors
+from pipeline.config.schema import RunConfig, validate_config
+from pipeline.job.finetune import finetune_settings, train_student_task, training_payload
+from pipeline.tracking.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class _Context:
     run_dir: RunDir
     splits: Any
     teacher: Any
-    """``pipeline.compress.Teacher``."""
+    """``pipeline.job.run.Teacher``."""
     payload: Any
     """Object-store reference to the training data and teacher logits."""
     test: Any
@@ -304,7 +304,7 @@ def _kd_student(ctx: _Context, targets: list[int]) -> list[Job]:
 
 
 def _score_as_is(ctx: _Context, model: nn.Module) -> dict[str, Any]:
-    from pipeline.distill import evaluate_accuracy
+    from pipeline.children.distill import evaluate_accuracy
 
     return {
         "val_accuracy": evaluate_accuracy(model, *ctx.splits.val),
@@ -336,7 +336,7 @@ def run_baseline(
         cfg: the run config with resolved paths (the teacher, data, budgets and fine-tuning).
         method: one of :data:`METHODS`.
         console: progress lines go here; None logs them.
-        tracker: a started-able ``pipeline.tracking.Tracker``, or None for no MLflow.
+        tracker: a started-able ``pipeline.tracking.tracker.Tracker``, or None for no MLflow.
         splits: the loaded dataset, if the caller has it.
         targets: parameter budgets; default ``cfg.baseline.targets(teacher params)``.
 
@@ -345,7 +345,7 @@ def run_baseline(
         on validation accuracy), "child_evaluations", "wall_time_s"}``; ``random`` returns
         ``n2n run``'s summary with the same keys added (see :func:`with_records`).
     """
-    from pipeline import compress
+    from pipeline.job import run as compress
 
     if method not in METHODS:
         raise ValueError(f"unknown baseline method {method!r}: use one of {list(METHODS)}")
@@ -447,7 +447,7 @@ def _summary(
 
 def _random(cfg: RunConfig, console: Console | None, tracker: Any, splits: Any) -> dict[str, Any]:
     """Random search: ``n2n run --algo random``, summarised like the other methods."""
-    from pipeline import compress
+    from pipeline.job import run as compress
 
     raw = cfg.model_dump()
     raw["search"]["algo"] = "random"
@@ -482,7 +482,7 @@ def records_table(summary: dict[str, Any]) -> Any:
     """The teacher and a method's students as a rich table (what ``n2n baseline`` prints)."""
     from rich.table import Table
 
-    from pipeline.progress import _pct
+    from pipeline.tracking.progress import _pct
 
     table = Table(title=f"n2n baseline {summary['method']}: {summary.get('name', '')}")
     columns = ("student", "params", "non-zero", "smaller", "FLOPs", "val acc", "test acc", "delta")

@@ -22,7 +22,7 @@ the child fails with the loss as its reason. Errors raised by the child itself a
 
 With ``early_stop`` a child is scored at a few checkpoints of its training and stopped once
 its best reachable reward falls below the k-th best full-budget reward so far (the reward
-cache actor keeps that leaderboard; see ``pipeline.fidelity``). A stopped child's result
+cache actor keeps that leaderboard; see ``pipeline.children.early_stop``). A stopped child's result
 says so (``extra["early_stopped"]``) and its accuracy, hence its reward, is a lower bound.
 """
 
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from envs.evaluation import Child, ChildResult
-from pipeline.cache import (
+from pipeline.children.cache import (
     CLAIMED,
     DEFAULT_CACHE_NAME,
     HIT,
@@ -51,7 +51,7 @@ from pipeline.cache import (
     RewardCache,
     get_or_create_cache,
 )
-from pipeline.distill import (
+from pipeline.children.distill import (
     ChildTimeoutError,
     DistillConfig,
     distill_payload,
@@ -59,7 +59,7 @@ from pipeline.distill import (
     measure_latency,
     teacher_logits,
 )
-from pipeline.fidelity import EarlyStop, accuracy_upper_bound, should_stop
+from pipeline.children.early_stop import EarlyStop, accuracy_upper_bound, should_stop
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +91,13 @@ class _Flight:
 class KDEvaluator:
     """Scores children by brief knowledge distillation from the teacher, on a Ray cluster.
 
-    Construct it from plain kwargs (so ``env_config`` can carry ``"pipeline.evaluator:KDEvaluator"``
+    Construct it from plain kwargs (so ``env_config`` can carry ``"pipeline.children.evaluator:KDEvaluator"``
     and a kwargs dict) or pass the instance itself; either way it pickles small.
 
     Args:
         teacher: teacher checkpoint folder, or the teacher network itself.
-        dataset: dataset name, or keyword arguments for ``pipeline.data.load_dataset``.
-        distill: distillation settings (``pipeline.distill.DistillConfig`` fields).
+        dataset: dataset name, or keyword arguments for ``pipeline.data.datasets.load_dataset``.
+        distill: distillation settings (``pipeline.children.distill.DistillConfig`` fields).
         num_cpus: CPUs reserved by each child task (also its PyTorch thread count).
         num_gpus: GPUs reserved by each child task; a fraction shares one GPU between children.
         timeout_s: a child whose training runs longer fails (reward -1); None for no limit.
@@ -113,7 +113,7 @@ class KDEvaluator:
         latency_batch: the larger batch size latency is measured at.
         teacher_accuracy: overrides the measured teacher validation accuracy.
         local: train children in this process instead of as Ray tasks (debugging, no cluster).
-        early_stop: stop hopeless children early (``pipeline.fidelity.EarlyStop`` fields:
+        early_stop: stop hopeless children early (``pipeline.children.early_stop.EarlyStop`` fields:
             ``checkpoints``, ``top_k``, ``slack``); needs ``cache`` (the leaderboard lives in
             the cache actor) and children that carry ``reward_at`` (the envs set it). It does
             not enter the fingerprint: a stopped child's cached result, a lower bound marked
@@ -210,8 +210,8 @@ class KDEvaluator:
         if self.prepared:
             self._connect_cache()
             return self
-        from pipeline.data import load_dataset
-        from pipeline.teachers import load_teacher
+        from pipeline.data.datasets import load_dataset
+        from pipeline.data.teachers import load_teacher
 
         splits = load_dataset(**self.dataset)
         val_x, val_y = splits.val

@@ -113,7 +113,7 @@ def check_teacher(cfg: Any, splits: Any) -> None:
 
     On resume the run's own ``teacher/`` is the checkpoint when the config names none.
     """
-    from pipeline.teachers import load_teacher
+    from pipeline.data.teachers import load_teacher
 
     checkpoint = cfg.teacher.checkpoint
     own = Path(cfg.output.run_dir or ".") / "teacher"
@@ -131,7 +131,7 @@ def check_teacher(cfg: Any, splits: Any) -> None:
             ) from None
         return
     from envs.models import build_model
-    from pipeline.teachers import teacher_base_spec
+    from pipeline.data.teachers import teacher_base_spec
 
     try:
         build_model(teacher_base_spec(cfg.teacher.arch_spec(), splits))

@@ -8,7 +8,7 @@ Reads top to bottom like the job itself:
 2. :func:`make_evaluator` prepares the knowledge-distillation evaluator once (data and
    teacher logits in the object store, the reward cache in ``RUN_DIR/cache.sqlite``);
 3. :func:`search_stage` runs stage 1 (removal) and stage 2 (shrinkage, starting from stage
-   1's best child) as Tune trials (``pipeline.search``), either stage skippable;
+   1's best child) as Tune trials (``pipeline.search.trial``), either stage skippable;
 4. :func:`finetune` trains the top-k distinct students longer, as parallel Ray tasks, and
    measures them once on the test split; the best by validation reward becomes ``best/``;
 5. ``summary.json``: teacher vs student params, FLOPs, size, test accuracy, compression.
@@ -39,15 +39,22 @@ from envs.env import load_network
 from envs.evaluation import load_evaluator
 from envs.spec import arch_hash, load_checkpoint, save_checkpoint
 from envs.surgery import make_child
-from pipeline.config import RunConfig
-from pipeline.finetune import finetune, top_candidates
-from pipeline.outputs import RunDir, ok
-from pipeline.progress import Clock, StageMonitor, tracked_metrics
-from pipeline.search import ENV_CLASSES, STAGES, child_log, run_stage, runner_cpus, stage_settings
+from pipeline.config.schema import RunConfig
+from pipeline.job.finetune import finetune, top_candidates
+from pipeline.search.trial import (
+    ENV_CLASSES,
+    STAGES,
+    child_log,
+    run_stage,
+    runner_cpus,
+    stage_settings,
+)
+from pipeline.tracking.progress import Clock, StageMonitor, tracked_metrics
+from pipeline.tracking.rundir import RunDir, ok
 
 logger = logging.getLogger(__name__)
 
-KD_EVALUATOR = "pipeline.evaluator:KDEvaluator"
+KD_EVALUATOR = "pipeline.children.evaluator:KDEvaluator"
 
 
 @dataclass
@@ -151,7 +158,7 @@ def check_resources(cfg: RunConfig) -> None:
 
 def load_splits(cfg: RunConfig) -> Any:
     """The dataset, split into train / val (rewards) / test (final report only)."""
-    from pipeline.data import load_dataset
+    from pipeline.data.datasets import load_dataset
 
     return load_dataset(**cfg.data.as_kwargs(cfg.seed))
 
@@ -167,8 +174,8 @@ def prepare_teacher(
 
     ``folder`` overrides where a teacher trained here is saved (``n2n teacher --out``).
     """
-    from pipeline.distill import evaluate_accuracy
-    from pipeline.teachers import TeacherConfig, load_teacher, train_teacher
+    from pipeline.children.distill import evaluate_accuracy
+    from pipeline.data.teachers import TeacherConfig, load_teacher, train_teacher
 
     path = (
         Path(cfg.teacher.checkpoint)
@@ -204,7 +211,7 @@ def make_evaluator(
     if path != KD_EVALUATOR:
         instance = load_evaluator(path, dict(cfg.search.evaluator_kwargs))
         return (path, dict(cfg.search.evaluator_kwargs)), instance
-    from pipeline.evaluator import KDEvaluator
+    from pipeline.children.evaluator import KDEvaluator
 
     kwargs = {
         "teacher": str(teacher.path),
@@ -474,7 +481,7 @@ def _summary(
     teacher = {k: job.teacher.facts[k] for k in (*keys, "arch")}
     best = next(s for s in students if s.get("best"))
     student = {k: best[k] for k in (*keys, "arch_hash", "stage", "reward", "compression")}
-    # The record every method reports (see pipeline.baselines): a search student is dense.
+    # The record every method reports (see pipeline.baselines.run): a search student is dense.
     student |= {
         "nonzero_params": student["params"],
         "delta": student["test_accuracy"] - teacher["test_accuracy"],
@@ -483,7 +490,7 @@ def _summary(
     }
     instance = job.evaluator_instance
     cache = instance.cache_stats() if hasattr(instance, "cache_stats") else {}
-    # Children whose task was lost with its worker or node and run again (pipeline.evaluator).
+    # Children whose task was lost with its worker or node and run again (pipeline.children.evaluator).
     retries = [int(r.get("retries") or 0) for r in rows]
     warnings = list(job.warnings)
     if any(retries):

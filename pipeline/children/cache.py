@@ -11,7 +11,7 @@ asking for an architecture another one is training waits for that training (it g
 producer's ``ObjectRef``) instead of starting its own.
 
 It also keeps the run's *leaderboard*, the rewards of children trained to their full KD
-budget, which early stopping (``pipeline.fidelity``) compares a child in training against.
+budget, which early stopping (``pipeline.children.early_stop``) compares a child in training against.
 """
 
 from __future__ import annotations

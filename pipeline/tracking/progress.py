@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.outputs import RunDir, ok
+from pipeline.tracking.rundir import RunDir, ok
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class StageMonitor:
         run_dir: where ``children.csv`` and ``iterations.csv`` go.
         clock: elapsed time and ETA over the whole search.
         console: rich console for the progress lines (None: log them instead).
-        tracker: a ``pipeline.tracking.Tracker`` or None.
+        tracker: a ``pipeline.tracking.tracker.Tracker`` or None.
         per_trial_names: name tracker stages ``stage/trial`` (sweeps with several trials).
     """
 

@@ -42,12 +42,12 @@ def random_episode(env: gym.Env, rng: np.random.Generator) -> float:
 
 
 def random_search(settings: dict[str, Any], env_config: dict[str, Any]) -> None:
-    """Runs a random-search stage inside a Tune trial (see ``pipeline.search.stage_trainable``).
+    """Runs a random-search stage inside a Tune trial (see ``pipeline.search.trial.stage_trainable``).
 
     Iteration ``i`` draws its actions from a generator seeded with ``(seed, i)``, so a
     restored trial continues with the actions it would have taken.
     """
-    from pipeline.search import STATE_FILE, make_env
+    from pipeline.search.trial import STATE_FILE, make_env
 
     start, best = 0, float("-inf")
     checkpoint = tune.get_checkpoint()

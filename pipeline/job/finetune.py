@@ -20,7 +20,7 @@ from torch import nn
 from envs.costs import model_costs
 from envs.rewards import ChildScore, make_reward
 from envs.spec import save_checkpoint
-from pipeline.outputs import ok
+from pipeline.tracking.rundir import ok
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +39,13 @@ def train_student_task(
     Args:
         payload: training/validation data and teacher logits from the object store.
         model: the student, holding the weights it starts from.
-        cfg: a ``pipeline.distill.DistillConfig``.
+        cfg: a ``pipeline.children.distill.DistillConfig``.
         test: test images and labels, measured once after training; None skips the test.
         threads: PyTorch threads (the task's CPUs).
         bn_l1: Network Slimming's sparsity term: every BatchNorm scale's gradient gets
             ``bn_l1 * sign(gamma)`` added, the subgradient of ``bn_l1 * sum |gamma|``.
     """
-    from pipeline.distill import distill_payload, evaluate_accuracy
+    from pipeline.children.distill import distill_payload, evaluate_accuracy
 
     torch.set_num_threads(threads)
     if bn_l1 > 0:
@@ -82,7 +82,7 @@ def _payload(job: Any) -> Any:
 
 def training_payload(splits: Any, teacher: nn.Module) -> ray.ObjectRef:
     """Puts the training and validation data and the teacher's logits in the object store."""
-    from pipeline.distill import teacher_logits
+    from pipeline.children.distill import teacher_logits
 
     x, y = splits.train
     return ray.put({
@@ -98,7 +98,7 @@ def finetune_settings(cfg: Any, steps: int | None = None) -> Any:
     Every method (search students and classic baselines alike) is trained with these, so
     they compare at equal cost; ``steps`` overrides the budget (e.g. a pruning round's).
     """
-    from pipeline.distill import DistillConfig
+    from pipeline.children.distill import DistillConfig
 
     return DistillConfig.from_dict(
         cfg.distill.as_kwargs(
@@ -130,7 +130,7 @@ def finetune(
     """Fine-tunes students, saves them to ``students/<rank>/`` and the final one to ``best/``.
 
     Args:
-        job: the run (``pipeline.compress.Job``): config, data, teacher, evaluator, run dir.
+        job: the run (``pipeline.job.run.Job``): config, data, teacher, evaluator, run dir.
         candidates: child records in rank order (see :func:`top_candidates`).
         built: each candidate's network (teacher weights, by surgery) and student spec.
 

@@ -19,10 +19,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PRESET_DIRS = (
-    Path(__file__).resolve().parent.parent / "configs",
-    Path(__file__).resolve().parent / "presets",
-)
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+PRESET_DIRS = (PACKAGE_DIR.parent / "configs", PACKAGE_DIR / "presets")
 """Where preset names are looked up: the repository's ``configs/``, then packaged presets."""
 
 DEFAULT_PRESET = "demo"
@@ -40,7 +38,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """The dataset children are trained and scored on (see ``pipeline.data.load_dataset``)."""
+    """The dataset children are trained and scored on (see ``pipeline.data.datasets.load_dataset``)."""
 
     name: Literal[
         "digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder"
@@ -65,7 +63,7 @@ class DataConfig(_Section):
     )
 
     def as_kwargs(self, seed: int) -> dict[str, Any]:
-        """Keyword arguments of ``pipeline.data.load_dataset``."""
+        """Keyword arguments of ``pipeline.data.datasets.load_dataset``."""
         return {**self.model_dump(), "seed": seed}
 
 
@@ -111,12 +109,12 @@ class TeacherConfig(_Section):
 
     def arch_spec(self) -> dict[str, Any]:
         """The architecture spec: ``kwargs``, and ``width`` for builders that take it (classes
-        and channels are filled in from the dataset, see ``pipeline.teachers.teacher_base_spec``)."""
+        and channels are filled in from the dataset, see ``pipeline.data.teachers.teacher_base_spec``)."""
         return {"arch": self.arch, "kwargs": dict(self.kwargs), "width": self.width}
 
 
 class DistillConfig(_Section):
-    """Knowledge-distillation budget for each child during the search (``pipeline.distill``)."""
+    """Knowledge-distillation budget for each child during the search (``pipeline.children.distill``)."""
 
     loss: Literal["kd", "l2"] = Field(
         "kd", description="Hinton KD + cross-entropy ('kd') or N2N's L2 on logits ('l2')."
@@ -164,13 +162,13 @@ class DistillConfig(_Section):
     )
 
     def as_kwargs(self, seed: int, **overrides: Any) -> dict[str, Any]:
-        """Fields of ``pipeline.distill.DistillConfig``."""
+        """Fields of ``pipeline.children.distill.DistillConfig``."""
         early = {"early_stop", "checkpoints", "early_stop_slack", "val_subset"}
         values = self.model_dump(exclude={"timeout_s", *early})
         return {**values, "seed": seed, **overrides}
 
     def early_stop_kwargs(self, top_k: int) -> dict[str, Any] | None:
-        """The evaluator's ``early_stop`` settings (``pipeline.fidelity.EarlyStop``), or None."""
+        """The evaluator's ``early_stop`` settings (``pipeline.children.early_stop.EarlyStop``), or None."""
         if not self.early_stop:
             return None
         return {
@@ -218,7 +216,8 @@ class SearchConfig(_Section):
         description="Longest wait for one iteration's rollouts; None sizes it from distill.timeout_s.",
     )
     evaluator: str = Field(
-        "pipeline.evaluator:KDEvaluator", description="Import path of the child evaluator class."
+        "pipeline.children.evaluator:KDEvaluator",
+        description="Import path of the child evaluator class.",
     )
     evaluator_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -284,7 +283,7 @@ class FinetuneConfig(_Section):
 
 
 class BaselineConfig(_Section):
-    """The classic compressors of ``n2n baseline METHOD`` (see ``pipeline.baselines``).
+    """The classic compressors of ``n2n baseline METHOD`` (see ``pipeline.baselines.run``).
 
     Every method ends with the fine-tuning budget of ``finetune`` (steps and learning rate),
     with the KD loss of ``distill``, so methods compare at equal training cost.

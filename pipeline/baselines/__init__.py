@@ -1,0 +1,1 @@
+"""The classic compressors (magnitude pruning, Network Slimming, Torch-Pruning, KD students)."""

@@ -1,0 +1,1 @@
+"""The ``n2n`` command line: parses flags from the one flag table and runs a command."""

@@ -1,0 +1,1 @@
+"""Where a run runs: Ray start-up, checks at the door, ``n2n submit`` and KubeRay RayJobs."""

@@ -1,0 +1,1 @@
+"""The data and the teacher: datasets split for rewards and tests, teachers trained or loaded."""

@@ -1,0 +1,1 @@
+"""What a run leaves behind: its run directory, progress lines, MLflow runs and registry."""
