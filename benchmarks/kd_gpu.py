@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from envs.spec import load_checkpoint  # noqa: E402
+from envs.checkpoint import load_checkpoint  # noqa: E402
 from envs.surgery import analyze, make_child  # noqa: E402
 from pipeline.children.distill import (  # noqa: E402
     DistillConfig,
@@ -81,7 +81,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     # Where mixed precision pays: a CIFAR-sized full-width ResNet-18 (the cifar10 presets).
-    from envs.models import build_model
+    from envs.builders import build_model
     from envs.spec import base_spec
 
     base = base_spec("resnet18", [3, 32, 32], num_classes=10, in_channels=3, width=1.0)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from envs.models import build_model  # noqa: E402
+from envs.builders import build_model  # noqa: E402
 from envs.spec import base_spec, teacher_spec  # noqa: E402
 from envs.surgery import analyze, make_child  # noqa: E402
 from pipeline.children.distill import channels_last_is_safe  # noqa: E402

@@ -33,13 +33,15 @@ import gymnasium as gym
 import numpy as np
 from torch import nn
 
+from envs.builders import build_model
+from envs.channels import DEFAULT_RATIOS, IMPORTANCE, validate_ratio
+from envs.checkpoint import build_from_spec, load_checkpoint
 from envs.costs import model_costs
 from envs.evaluation import Child, ChildResult, load_evaluator
 from envs.graph import COL
-from envs.models import build_model
 from envs.rewards import FAILED_REWARD, ChildScore, RewardFn, make_reward
-from envs.spec import arch_hash, build_from_spec, canonical, load_checkpoint, teacher_spec
-from envs.surgery import DEFAULT_RATIOS, IMPORTANCE, analyze, make_child, validate_ratio
+from envs.spec import arch_hash, canonical, teacher_spec
+from envs.surgery import analyze, make_child
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +221,7 @@ class RemovalEnv(_ChildEnv):
         values = self._check_action(action, self.action_space.nvec, "one 0/1 per removable unit")
         requested = [u for u, v in zip(self.units, values, strict=True) if v == 1]
         reward, info = self._score(
-            lambda: make_child(
-                self.teacher, self.teacher_spec, remove=requested, allow_growth=False
-            ),
+            lambda: make_child(self.teacher, self.teacher_spec, remove=requested),
             values,
             {"removed": requested, "dropped": []},
         )

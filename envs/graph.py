@@ -9,6 +9,10 @@ hierarchy that ``torch.fx`` records in ``node.meta["nn_module_stack"]``.
 Each unit is marked removable or not, with the reason, and gets a fixed-length descriptor
 (N2N's layer type, kernel, stride, padding, channels and skip-connection fields, plus its
 share of parameters and FLOPs), normalised to [0, 1].
+
+Longer than 400 lines because it is one algorithm over one traced graph: tracing with shapes
+and FLOPs, finding blocks, grouping followers and deciding removability share the graph
+helpers here, and split apart each part would reach into the others' internals.
 """
 
 from __future__ import annotations

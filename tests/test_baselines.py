@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.spec import load_checkpoint
+from envs.checkpoint import load_checkpoint
 from pipeline.baselines import compressors
 from pipeline.children.distill import evaluate_accuracy
 from pipeline.tracking.rundir import RunDir

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.spec import load_checkpoint
+from envs.checkpoint import load_checkpoint
 from pipeline.cli.main import build_parser, flag_overrides, main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from envs.builders import build_model
+from envs.channels import channel_groups, current_channels, dependency_graph, pruning_group
+from envs.checkpoint import build_from_spec
 from envs.costs import count_params
 from envs.graph import describe, trace
-from envs.models import build_model
-from envs.spec import arch_hash, base_spec, build_from_spec, canonical, teacher_spec
-from envs.surgery import channel_groups, current_channels, dependency_graph, pruning_group
+from envs.spec import arch_hash, base_spec, canonical, teacher_spec
 from pipeline.baselines.compressors import (
     bn_l1_penalty,
     budget_student,

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 from torchvision import models
 
+from envs.builders import build_model, fit_arch
+from envs.checkpoint import load_checkpoint, save_checkpoint
 from envs.costs import count_params
 from envs.graph import trace
-from envs.models import build_model, fit_arch
 from envs.rewards import FAILED_REWARD, ChildScore, n2n_reward
-from envs.spec import load_checkpoint, save_checkpoint, teacher_spec
-from envs.surgery import analyze, remove_units, remove_without_growth
+from envs.spec import teacher_spec
+from envs.surgery import analyze, make_child, remove_units, remove_without_growth
 from pipeline.config.schema import ConfigError, load_config
 from pipeline.data.teachers import teacher_base_spec
 
@@ -193,6 +194,31 @@ def test_removal_never_grows_an_inverted_residual_net(mobilenet):
     finally:
         torch.set_num_threads(before)
     assert dropped > 0  # the property was tested where it matters
+
+
+def test_the_plain_make_child_never_grows_the_network(mobilenet):
+    """The safe behaviour is the default: a caller of ``make_child`` gets a child no larger
+    than its parent without asking, and the child's spec lists only the removals made."""
+    model, spec = mobilenet
+    shape = spec["base"]["input_shape"]
+    parent = count_params(model)
+    removable = [u.name for u in analyze(model, shape).units if u.removable]
+    rng = random.Random(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dropped = 0
+    try:
+        for _ in range(20):
+            requested = [u for u in removable if rng.random() < 0.5]
+            child, child_spec = make_child(model, spec, remove=requested)
+            assert count_params(child) <= parent, requested
+            assert set(child_spec["removed"]) <= set(requested)
+            dropped += len(child_spec["removed"]) < len(requested)
+        grown, _ = make_child(model, spec, remove=requested, allow_growth=True)
+    finally:
+        torch.set_num_threads(before)
+    assert dropped > 0  # some requests would have grown the network
+    assert count_params(grown) >= count_params(child)
 
 
 # --------------------------------------------------------------------------- end to end

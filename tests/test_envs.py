@@ -160,7 +160,7 @@ def test_rllib_style_registration(ray_cluster):
 
 
 def test_removal_env_leaves_out_removals_that_would_grow_the_network():
-    from envs.models import fit_arch
+    from envs.builders import fit_arch
     from envs.surgery import make_child
 
     # torchvision's MobileNetV2: removing the last projection conv (96 -> 32 channels) on its

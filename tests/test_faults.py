@@ -72,7 +72,7 @@ def test_an_unreachable_address_exits_2_within_30_s_and_leaves_nothing(tmp_path:
     [
         ("garbage spec", "is not valid JSON"),
         ("spec without a model", "cannot be loaded"),
-        ("truncated weights", "may be truncated"),
+        ("truncated weights", "is damaged, truncated or not a PyTorch weights file"),
         ("weights of another net", "do not match"),
     ],
 )

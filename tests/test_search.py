@@ -18,9 +18,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from envs.checkpoint import load_checkpoint
 from envs.env import RemovalEnv, ShrinkageEnv
 from envs.evaluation import SyntheticEvaluator
-from envs.spec import load_checkpoint
 from pipeline.config.schema import load_config
 from pipeline.job import sweeps
 from pipeline.search.random_search import random_episode

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from envs.models import build_model
-from envs.spec import arch_hash, base_spec, load_checkpoint, save_checkpoint, teacher_spec
+from envs.builders import build_model
+from envs.checkpoint import load_checkpoint, save_checkpoint
+from envs.spec import arch_hash, base_spec, teacher_spec
 from envs.surgery import make_child
 
 
@@ -41,13 +42,26 @@ def test_hash_ignores_order_and_sees_differences(student):
     assert arch_hash({**spec, "removed": []}) != arch_hash(spec)
 
 
-def test_truncated_weights_are_rejected(tmp_path, student):
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "a pickled module"])
+def test_a_damaged_weights_file_gets_one_line_with_the_fix(tmp_path, student, damage):
     model, spec = student
     path = save_checkpoint(tmp_path / "s", model, spec)
-    data = (path / "weights.pt").read_bytes()
-    (path / "weights.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cannot be read .* it may be truncated"):
+    weights = path / "weights.pt"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "random bytes":
+        weights.write_bytes(bytes(range(256)) * 4)
+    else:
+        torch.save(model, weights)  # the whole module pickled, not its state_dict
+    with pytest.raises(ValueError) as caught:
         load_checkpoint(path)
+    message = str(caught.value)
+    assert "\n" not in message and "weights_only" not in message and str(weights) in message
+    if damage == "a pickled module":
+        assert "not a state_dict" in message and "envs.save_checkpoint" in message
+    else:
+        assert "damaged, truncated or not a PyTorch weights file" in message
+        assert "n2n teacher" in message
 
 
 def test_weights_of_another_architecture_are_rejected(tmp_path, student):

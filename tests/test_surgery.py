@@ -9,18 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from envs.builders import build_model
+from envs.channels import channel_groups, shrink
+from envs.checkpoint import build_from_spec
 from envs.costs import count_flops, count_params
 from envs.graph import TraceError, describe, trace
-from envs.models import build_model
-from envs.spec import arch_hash, base_spec, build_from_spec, teacher_spec
-from envs.surgery import (
-    analyze,
-    channel_groups,
-    make_child,
-    remove_units,
-    remove_without_growth,
-    shrink,
-)
+from envs.spec import arch_hash, base_spec, teacher_spec
+from envs.surgery import analyze, make_child, remove_units, remove_without_growth
 
 ZOO = [
     ("resnet18", [3, 16, 16], {"width": 0.25}),

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from mlflow_server import MlflowServer, free_port
 
+from envs.checkpoint import save_checkpoint
 from envs.costs import model_costs
 from envs.models import SmallCNN
-from envs.spec import base_spec, save_checkpoint, teacher_spec
+from envs.spec import base_spec, teacher_spec
 from pipeline.data.datasets import load_dataset
 from pipeline.tracking import plots
 from pipeline.tracking.redaction import flatten_config, redact, scrub

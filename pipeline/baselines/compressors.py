@@ -36,18 +36,19 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
 
-from envs.costs import count_params
-from envs.graph import LAYER_TYPES, describe, trace
-from envs.models import build_model, resolve_arch
-from envs.spec import base_spec, build_from_spec, canonical, teacher_spec
-from envs.surgery import (
+from envs.builders import build_model, resolve_arch
+from envs.channels import (
     channel_groups,
     channel_importance,
     classifier_layers,
     dependency_graph,
     pruning_group,
-    spec_of,
 )
+from envs.checkpoint import build_from_spec
+from envs.costs import count_params
+from envs.graph import LAYER_TYPES, describe, trace
+from envs.spec import base_spec, canonical, teacher_spec
+from envs.surgery import spec_of
 
 __all__ = [
     "PRUNABLE",
@@ -188,7 +189,7 @@ def slim(
 ) -> tuple[nn.Module, dict]:
     """One Network-Slimming pruning round: drop the channels with the smallest BatchNorm scales.
 
-    All coupled channel groups (see ``envs.surgery.channel_groups``) are ranked together under
+    All coupled channel groups (see ``envs.channels.channel_groups``) are ranked together under
     one threshold; a group's score per channel is the mean ``|gamma|`` of its BatchNorms, so
     groups coupling many BatchNorms (a residual stage) are not favoured. The globally
     smallest channels go first, as few as needed for the child to have at most

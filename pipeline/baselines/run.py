@@ -42,9 +42,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from envs.checkpoint import save_checkpoint
 from envs.costs import count_params, model_costs
 from envs.rewards import FAILED_REWARD, ChildScore, make_reward
-from envs.spec import save_checkpoint
 from pipeline.baselines import compressors
 from pipeline.config.schema import RunConfig, validate_config
 from pipeline.job.finetune import finetune_settings, train_student_task, training_payload
@@ -385,7 +385,7 @@ def run_baseline(
         if tracker is not None:
             tracker.log_baseline(run_dir.path, summary)
             if cfg.baseline.register_best and summary["student"]:
-                from envs.spec import load_checkpoint
+                from envs.checkpoint import load_checkpoint
 
                 ckpt = load_checkpoint(run_dir.file(f"students/{summary['student']['index']}"))
                 tracker.finish(

@@ -130,7 +130,7 @@ def check_teacher(cfg: Any, splits: Any) -> None:
                 f"{_first_line(err)}); train a new one with n2n teacher"
             ) from None
         return
-    from envs.models import build_model
+    from envs.builders import build_model
     from pipeline.data.teachers import teacher_base_spec
 
     try:

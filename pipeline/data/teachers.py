@@ -2,7 +2,7 @@
 
 A teacher is saved like every other model here: ``spec.json`` + ``weights.pt`` (+
 ``metrics.json`` with validation/test accuracy, parameters and FLOPs), through
-``envs.spec.save_checkpoint``, so it can be rebuilt from its spec alone. ``n2n teacher``
+``envs.checkpoint.save_checkpoint``, so it can be rebuilt from its spec alone. ``n2n teacher``
 calls :func:`train_teacher`; the search calls :func:`load_teacher`.
 """
 
@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from envs.builders import build_model, fit_arch
+from envs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from envs.costs import model_costs
-from envs.models import build_model, fit_arch
-from envs.spec import Checkpoint, load_checkpoint, save_checkpoint, teacher_spec
+from envs.spec import teacher_spec
 from pipeline.children.distill import evaluate_accuracy, resolve_device, seed_everything
 from pipeline.data.datasets import Splits
 
@@ -73,7 +74,7 @@ def teacher_base_spec(arch_spec: str | dict[str, Any], splits: Splits) -> dict[s
     ``kwargs`` are passed to the builder as given; ``width`` (``teacher.width``) is passed only
     to builders that take it. The dataset's classes and channels are passed where the builder
     accepts them, else the network's input layer or classifier is adapted (see
-    ``envs.models.fit_arch``); an explicit value that contradicts the dataset is an error.
+    ``envs.builders.fit_arch``); an explicit value that contradicts the dataset is an error.
     """
     base = (
         {"arch": arch_spec, "kwargs": {}}

@@ -17,9 +17,9 @@ import ray
 import torch
 from torch import nn
 
+from envs.checkpoint import save_checkpoint
 from envs.costs import model_costs
 from envs.rewards import ChildScore, make_reward
-from envs.spec import save_checkpoint
 from pipeline.tracking.rundir import ok
 
 logger = logging.getLogger(__name__)

@@ -34,10 +34,11 @@ import ray
 from rich.console import Console
 from torch import nn
 
+from envs.checkpoint import load_checkpoint, save_checkpoint
 from envs.costs import model_costs
 from envs.env import load_network
 from envs.evaluation import load_evaluator
-from envs.spec import arch_hash, load_checkpoint, save_checkpoint
+from envs.spec import arch_hash
 from envs.surgery import make_child
 from pipeline.config.schema import RunConfig
 from pipeline.job.finetune import finetune, top_candidates
