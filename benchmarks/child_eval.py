@@ -156,10 +156,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from envs.evaluation import Child
     from envs.spec import arch_hash
     from envs.surgery import make_child
-    from pipeline.children.distill import DistillConfig, distill
+    from pipeline.children.distill import distill
     from pipeline.children.evaluator import KDEvaluator
+    from pipeline.children.kd import KDSettings
     from pipeline.data.datasets import load_dataset
-    from pipeline.data.teachers import TeacherConfig, load_teacher, train_teacher
+    from pipeline.data.teachers import TeacherTraining, load_teacher, train_teacher
 
     dataset = {"name": "fashion-mnist", "max_train": cfg.max_train}
     splits = load_dataset(**dataset)
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_teacher(
             {"arch": "resnet18", "kwargs": {"width": cfg.teacher_width}},
             splits,
-            TeacherConfig(epochs=cfg.teacher_epochs, lr=0.05, seed=cfg.seed),
+            TeacherTraining(epochs=cfg.teacher_epochs, lr=0.05, seed=cfg.seed),
             out_dir=teacher_dir,
         )
     teacher = load_teacher(teacher_dir, splits)
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ray.init(
         num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False
     )
-    kd = DistillConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    kd = KDSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     evaluator = KDEvaluator(
         teacher=teacher_dir, dataset=dataset, distill=kd, num_cpus=1, cache=False
     )

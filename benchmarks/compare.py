@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def method_config(base: list[str], preset: str, method: str, teacher: Path, out: Path) -> Any:
     """The run config of one method: the shared settings, its own run directory, no MLflow."""
-    from pipeline.config.schema import load_config
+    from pipeline.config.presets import load_config
 
     algo = {"n2n-ppo": "ppo", "n2n-appo": "appo", "random": "random"}.get(method, "ppo")
     cfg = load_config(preset, [
@@ -95,15 +95,15 @@ def run_method(method: str, cfg: Any, splits: Any, targets: list[int] | None) ->
     """Runs one method; returns ``{"records", "wall_time_s", "child_evaluations", ...}``."""
     from rich.console import Console
 
-    from pipeline.baselines import run as baselines
-    from pipeline.job import run as compress
+    from pipeline.baselines.run import run_baseline, with_records
+    from pipeline.job.run import run
 
     console = Console(highlight=False)
     started = time.monotonic()
     if method.startswith("n2n-"):
-        summary = baselines.with_records(compress.run(cfg, console=console, splits=splits), method)
+        summary = with_records(run(cfg, console=console, splits=splits), method)
     else:
-        summary = baselines.run_baseline(
+        summary = run_baseline(
             cfg, method, console=console, splits=splits, targets=targets
         )
     return {
@@ -269,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from rich.console import Console
 
-    from pipeline.config.schema import load_config
-    from pipeline.job import run as compress
-    from pipeline.tracking.rundir import RunDir
+    from pipeline.cluster.runtime import init_ray
+    from pipeline.config.presets import load_config
+    from pipeline.data.datasets import load_splits
+    from pipeline.data.teachers import prepare_teacher
 
     preset = args.preset or (QUICK_PRESET if args.quick else FULL_PRESET)
     base = [*(QUICK_OVERRIDES if args.quick else FULL_OVERRIDES), *args.overrides]
@@ -280,12 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(preset, base)
     console = Console(highlight=False)
     started = time.monotonic()
-    compress.init_ray(cfg)
-    splits = compress.load_splits(cfg)
+    init_ray(cfg)
+    splits = load_splits(cfg)
     teacher_dir = Path(args.teacher).resolve() if args.teacher else out / "teacher"
     if not (teacher_dir / "weights.pt").is_file():
         console.print(f"[bold]teacher[/]: training {cfg.teacher.arch} into {teacher_dir}")
-        compress.prepare_teacher(cfg, RunDir(out), splits, console, folder=teacher_dir)
+        prepare_teacher(cfg, splits, teacher_dir, progress=True)
 
     methods = [m for m in METHODS if m in args.methods.split(",")]
     results: dict[str, dict[str, Any]] = {}

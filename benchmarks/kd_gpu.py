@@ -27,13 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 from envs.checkpoint import load_checkpoint  # noqa: E402
 from envs.surgery import analyze, make_child  # noqa: E402
-from pipeline.children.distill import (  # noqa: E402
-    DistillConfig,
-    distill,
-    evaluate_accuracy,
-    teacher_logits,
-)
+from pipeline.children.distill import distill  # noqa: E402
+from pipeline.children.kd import KDSettings, teacher_logits  # noqa: E402
 from pipeline.data.datasets import load_dataset  # noqa: E402
+from pipeline.torch_utils import evaluate_accuracy  # noqa: E402
 
 
 def main() -> int:
@@ -60,7 +57,7 @@ def main() -> int:
     ]  # fmt: skip
     for label, flags, checkpoints in variants:
         child, _ = make_child(ckpt.model, ckpt.spec, ratios=dict.fromkeys(units, 0.3))
-        cfg = DistillConfig(
+        cfg = KDSettings(
             steps=args.steps, lr=0.05, schedule="cosine", batch_size=128, device="cuda", **flags
         )
         torch.cuda.synchronize()
@@ -91,7 +88,7 @@ def main() -> int:
     for label, flags in (("resnet18 w1.0 32x32 bf16 + channels_last", variants[0][1]),
                          ("resnet18 w1.0 32x32 fp32 NCHW", variants[1][1])):  # fmt: skip
         model = build_model(base)
-        cfg = DistillConfig(steps=200, lr=0.05, batch_size=256, device="cuda", **flags)
+        cfg = KDSettings(steps=200, lr=0.05, batch_size=256, device="cuda", **flags)
         result = distill(model, x, y, logits_big, x[:1024], y[:1024], cfg)
         row = {"variant": label, "steps": result.steps,
                "ms_per_step": round(1e3 * result.train_time_s / result.steps, 3),

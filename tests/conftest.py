@@ -49,7 +49,7 @@ def digits_teacher_dir(tmp_path_factory):
     import torch
 
     from pipeline.data.datasets import load_dataset
-    from pipeline.data.teachers import TeacherConfig, train_teacher
+    from pipeline.data.teachers import TeacherTraining, train_teacher
 
     digits = load_dataset("digits", val_fraction=0.2, seed=0)
 
@@ -58,7 +58,7 @@ def digits_teacher_dir(tmp_path_factory):
     torch.set_num_threads(1)  # two cores shared with Ray workers
     try:
         train_teacher(
-            {"arch": "small_cnn", "kwargs": {"width": 0.5}}, digits, TeacherConfig(epochs=8),
+            {"arch": "small_cnn", "kwargs": {"width": 0.5}}, digits, TeacherTraining(epochs=8),
             out_dir=out,
         )  # fmt: skip
     finally:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from envs.checkpoint import load_checkpoint
-from pipeline.baselines import compressors
-from pipeline.children.distill import evaluate_accuracy
+from pipeline.baselines.unstructured import sparsity
+from pipeline.torch_utils import evaluate_accuracy
 from pipeline.tracking.rundir import RunDir
 
 pytestmark = pytest.mark.timeout(300)
@@ -54,7 +54,7 @@ def _check_records(summary: dict, run_dir: Path, digits) -> list[dict]:
         assert evaluate_accuracy(reloaded.model, *digits.test) == pytest.approx(
             r["test_accuracy"], abs=1e-9
         )
-        assert compressors.sparsity(reloaded.model)["nonzero_params"] == r["nonzero_params"]
+        assert sparsity(reloaded.model)["nonzero_params"] == r["nonzero_params"]
     assert summary["student"] == max(records, key=lambda r: r["reward"])
     assert summary["child_evaluations"] == sum(r["child_evaluations"] for r in records) or (
         summary["method"] == "slimming"  # the sparsity training is shared by every budget
@@ -74,7 +74,7 @@ def test_l1_unstructured_zeroes_the_requested_share_and_says_the_model_is_not_sm
     assert [r["amount"] for r in records] == [0.3, 0.8]
     for r in records:
         model = load_checkpoint(run_dir / "students" / str(r["index"]), num_classes=10).model
-        counts = compressors.sparsity(model)
+        counts = sparsity(model)
         # Fine-tuning kept the masks: the zeroed share is still the requested amount.
         assert counts["sparsity"] == pytest.approx(r["amount"], abs=1.0 / counts["prunable"] + 1e-3)
         assert r["params"] == summary["teacher"]["params"] and r["compression"] == 1.0

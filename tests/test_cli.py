@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from envs.checkpoint import load_checkpoint
-from pipeline.cli.main import build_parser, flag_overrides, main
+from pipeline.cli.main import build_parser, main
+from pipeline.config.flags import overrides as flag_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -161,7 +162,7 @@ def test_teacher_command_trains_and_saves_a_checkpoint(capsys, tmp_path: Path) -
 
 
 def test_resuming_a_finished_run_prints_its_summary_without_ray(capsys, tmp_path: Path) -> None:
-    from pipeline.config.schema import load_config
+    from pipeline.config.presets import load_config
     from pipeline.tracking.rundir import RunDir
 
     elsewhere = tmp_path / "moved-from"

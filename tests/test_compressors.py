@@ -13,16 +13,11 @@ from envs.checkpoint import build_from_spec
 from envs.costs import count_params
 from envs.graph import describe, trace
 from envs.spec import arch_hash, base_spec, canonical, teacher_spec
-from pipeline.baselines.compressors import (
-    bn_l1_penalty,
-    budget_student,
-    make_permanent,
-    prune_unstructured,
-    slim,
-    sparsity,
-    spec_of,
-    structured_l1,
-)
+from envs.surgery import spec_of
+from pipeline.baselines.slimming import bn_l1_penalty, slim
+from pipeline.baselines.structured import structured_l1
+from pipeline.baselines.unstructured import make_permanent, prune_unstructured, sparsity
+from pipeline.baselines.zoo_student import budget_student
 
 DWSEP = ("dwsep", [1, 8, 8], {"width": 0.25, "in_channels": 1})  # depthwise coupling
 RESNET = ("resnet18", [1, 8, 8], {"width": 0.125, "in_channels": 1})  # residual coupling

@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config.schema import (
-    ConfigError,
-    RunConfig,
+from pipeline.config.presets import (
     apply_overrides,
     load_config,
     parse_override,
     presets,
     validate_config,
 )
+from pipeline.config.schema import ConfigError, RunConfig
 
 PRESETS = ("demo", "fashion-mnist-resnet18", "cifar10-resnet18", "cifar10-resnet34")
 

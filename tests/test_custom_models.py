@@ -28,7 +28,8 @@ from envs.graph import trace
 from envs.rewards import FAILED_REWARD, ChildScore, n2n_reward
 from envs.spec import teacher_spec
 from envs.surgery import analyze, make_child, remove_units, remove_without_growth
-from pipeline.config.schema import ConfigError, load_config
+from pipeline.config.presets import load_config
+from pipeline.config.schema import ConfigError
 from pipeline.data.teachers import teacher_base_spec
 
 MOBILENET = "torchvision.models:mobilenet_v2"

@@ -18,18 +18,14 @@ from envs.costs import count_params
 from envs.surgery import make_child
 from pipeline.children.distill import (
     ChildTimeoutError,
-    DistillConfig,
     NonFiniteLossError,
     channels_last_is_safe,
     distill,
-    evaluate_accuracy,
-    kd_loss,
-    l2_loss,
-    measure_latency,
-    teacher_logits,
 )
+from pipeline.children.kd import KDSettings, kd_loss, l2_loss, teacher_logits
 from pipeline.data.datasets import load_dataset
 from pipeline.data.teachers import load_teacher
+from pipeline.torch_utils import evaluate_accuracy, measure_latency
 
 REDUCED = {
     "remove": ["features.6"],
@@ -84,13 +80,13 @@ def test_kd_loss_matches_its_closed_form():
 
 def test_config_rejects_bad_values_by_name():
     with pytest.raises(ValueError, match="unknown distill settings \\['stepz'\\]"):
-        DistillConfig.from_dict({"stepz": 3})
+        KDSettings.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="loss 'mse'"):
-        DistillConfig(loss="mse")
+        KDSettings(loss="mse")
     with pytest.raises(ValueError, match="data_fraction 0"):
-        DistillConfig(data_fraction=0)
-    assert DistillConfig(lr=0.1).fingerprint() != DistillConfig().fingerprint()
-    assert DistillConfig(eval_batch_size=7).fingerprint() == DistillConfig().fingerprint()
+        KDSettings(data_fraction=0)
+    assert KDSettings(lr=0.1).fingerprint() != KDSettings().fingerprint()
+    assert KDSettings(eval_batch_size=7).fingerprint() == KDSettings().fingerprint()
 
 
 def test_teacher_logits_are_the_teachers_eval_outputs(teacher, digits, logits):
@@ -112,7 +108,7 @@ def test_kd_lifts_a_surgically_reduced_child_far_above_its_start(teacher, digits
         *digits.train,
         logits,
         *digits.val,
-        DistillConfig(steps=80, lr=0.05, measure_initial=True),
+        KDSettings(steps=80, lr=0.05, measure_initial=True),
     )
     assert result.initial_accuracy < 0.5  # surgery alone wrecks it
     assert result.accuracy > 0.85
@@ -127,7 +123,7 @@ def test_l2_loss_also_trains_the_child(teacher, digits, logits):
         *digits.train,
         logits,
         *digits.val,
-        DistillConfig(loss="l2", steps=80, lr=0.05, measure_initial=True),
+        KDSettings(loss="l2", steps=80, lr=0.05, measure_initial=True),
     )
     assert result.accuracy > result.initial_accuracy + 0.4
 
@@ -137,14 +133,14 @@ def test_ratio_one_child_keeps_the_teachers_accuracy(teacher, digits, logits):
     assert spec["removed"] == [] and spec["channels"] == {}
     teacher_acc = evaluate_accuracy(teacher.model, *digits.val)
     result = distill(
-        child, *digits.train, logits, *digits.val, DistillConfig(steps=40, measure_initial=True)
+        child, *digits.train, logits, *digits.val, KDSettings(steps=40, measure_initial=True)
     )
     assert result.initial_accuracy == pytest.approx(teacher_acc)
     assert abs(result.accuracy - teacher_acc) <= 0.03
 
 
 def test_same_seed_same_child_and_recomputed_teacher_matches_cache(teacher, digits, logits):
-    cfg = DistillConfig(steps=15, data_fraction=0.5, seed=3)
+    cfg = KDSettings(steps=15, data_fraction=0.5, seed=3)
     a, _ = make_child(teacher.model, teacher.spec, **REDUCED)
     b, c = copy.deepcopy(a), copy.deepcopy(a)
     ra = distill(a, *digits.train, logits, *digits.val, cfg)
@@ -163,7 +159,7 @@ def test_diverging_child_raises_a_clear_error(teacher, digits, logits):
     with torch.no_grad():
         child.get_submodule("features.0").weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="loss became nan at step 1"):
-        distill(child, *digits.train, logits, *digits.val, DistillConfig(steps=5))
+        distill(child, *digits.train, logits, *digits.val, KDSettings(steps=5))
 
 
 def test_deadline_stops_training(teacher, digits, logits):
@@ -174,7 +170,7 @@ def test_deadline_stops_training(teacher, digits, logits):
             *digits.train,
             logits,
             *digits.val,
-            DistillConfig(steps=10**6),
+            KDSettings(steps=10**6),
             deadline=time.perf_counter() + 0.3,
         )
 
@@ -182,7 +178,7 @@ def test_deadline_stops_training(teacher, digits, logits):
 def test_child_with_wrong_outputs_is_rejected(digits, logits):
     wrong = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     with pytest.raises(ValueError, match=r"student outputs shape \(128, 3\).*\(128, 10\)"):
-        distill(wrong, *digits.train, logits, *digits.val, DistillConfig(steps=2))
+        distill(wrong, *digits.train, logits, *digits.val, KDSettings(steps=2))
 
 
 def test_latency_is_measured_per_batch_size(teacher):
@@ -194,9 +190,10 @@ def test_latency_is_measured_per_batch_size(teacher):
 NARROW_STRIDED_1X1 = textwrap.dedent(
     """
     import copy, sys, torch
-    from pipeline.baselines.compressors import budget_student
+    from pipeline.baselines.zoo_student import budget_student
     from pipeline.data.datasets import load_dataset
-    from pipeline.children.distill import DistillConfig, distill
+    from pipeline.children.distill import distill
+    from pipeline.children.kd import KDSettings
 
     torch.set_num_threads(1)
     data = load_dataset("digits")
@@ -207,7 +204,7 @@ NARROW_STRIDED_1X1 = textwrap.dedent(
     trained = {}
     for channels_last in (True, False):
         model = copy.deepcopy(student).to(memory_format=torch.channels_last)
-        cfg = DistillConfig(steps=30, lr=0.05, channels_last=channels_last, device="cpu")
+        cfg = KDSettings(steps=30, lr=0.05, channels_last=channels_last, device="cpu")
         distill(model, *data.train, logits, *data.val, cfg)
         trained[channels_last] = model
     same = all(

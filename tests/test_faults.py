@@ -31,7 +31,7 @@ def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(cfg: Any) -> bool:
         raise AssertionError("Ray was started for a run that should be refused at the door")
 
-    monkeypatch.setattr("pipeline.job.run.init_ray", refuse)
+    monkeypatch.setattr("pipeline.cluster.runtime.init_ray", refuse)
 
 
 def _refused(argv: list[str], capsys, monkeypatch, cwd: Path) -> str:
@@ -168,7 +168,7 @@ def test_a_replayed_iteration_is_not_recorded_twice(ray_cluster, tmp_path: Path)
     """Tune restored a trial from a checkpoint older than the driver's records."""
     from types import SimpleNamespace
 
-    from pipeline.search.trial import ChildLog
+    from pipeline.search.records import ChildLog
     from pipeline.tracking.progress import Clock, StageMonitor
 
     out = RunDir(tmp_path)
@@ -326,5 +326,6 @@ def test_a_resumed_tracker_continues_the_run_and_sends_what_the_dead_driver_had_
     assert client.get_run(run_id).info.status == "FINISHED"
     assert client.get_run(stage_id).info.status == "FINISHED"
     assert client.get_run(run_id).data.tags["n2n.resumed"] == "1"
+    assert client.get_run(stage_id).data.tags["n2n.resumed"] == "1"  # the stage run too
     table = client.download_artifacts(run_id, "children.json", str(tmp_path))
     assert [row[3] for row in json.loads(Path(table).read_text())["data"]] == [1, 2, 3, 4, 5]

@@ -24,12 +24,13 @@ from envs.rewards import ChildScore, n2n_reward
 from envs.spec import arch_hash
 from envs.surgery import make_child
 from pipeline.children.cache import RewardCache
-from pipeline.children.distill import DistillConfig, distill, teacher_logits
+from pipeline.children.distill import distill
 from pipeline.children.early_stop import EarlyStop, accuracy_upper_bound, should_stop
 from pipeline.children.evaluator import KDEvaluator
+from pipeline.children.kd import KDSettings, teacher_logits
 from pipeline.config.schema import DistillConfig as DistillSection
 from pipeline.data.teachers import load_teacher
-from pipeline.search.trial import child_row
+from pipeline.search.records import child_row
 
 TEACHER_ACC = 0.95
 TEACHER_PARAMS = 1_000_000
@@ -90,7 +91,7 @@ def test_early_stop_settings_are_validated_and_map_to_steps():
 
 def test_run_config_switches_early_stopping_on_for_the_evaluator():
     section = DistillSection(early_stop=True, checkpoints=[0.5, 0.25], early_stop_slack=0.02)
-    assert DistillConfig.from_dict(section.as_kwargs(seed=0)).channels_last  # no unknown keys
+    assert KDSettings.from_dict(section.as_kwargs(seed=0)).channels_last  # no unknown keys
     settings = EarlyStop.from_dict(section.early_stop_kwargs(top_k=2))
     assert settings == EarlyStop(checkpoints=(0.25, 0.5), top_k=2, slack=0.02)
     assert DistillSection().early_stop_kwargs(top_k=2) is None
@@ -199,7 +200,7 @@ def _reduced(teacher):
 
 def test_distill_measures_checkpoints_and_stops_when_told(teacher, digits):
     logits = teacher_logits(teacher.model, digits.train[0])
-    cfg = DistillConfig(steps=40, lr=0.05)
+    cfg = KDSettings(steps=40, lr=0.05)
     plain = distill(_reduced(teacher), *digits.train, logits, *digits.val, cfg)
 
     seen = []

@@ -43,8 +43,9 @@ kubernetes_validate = pytest.importorskip(
 )
 jsonschema = pytest.importorskip("jsonschema")
 
-from pipeline.cli.main import build_parser, config_from_args  # noqa: E402
-from pipeline.config.schema import validate_config  # noqa: E402
+from pipeline.cli.main import build_parser  # noqa: E402
+from pipeline.config.flags import config_from_args  # noqa: E402
+from pipeline.config.presets import validate_config  # noqa: E402
 from tests.kuberay_rules import refusal, strict_schema  # noqa: E402
 from tests.mlflow_server import free_port  # noqa: E402
 

@@ -98,12 +98,10 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def folder(module: str) -> str:
-    """The floor a module lives on: ``envs``, ``pipeline`` itself, or ``pipeline.<sub>``."""
+    """The floor a module lives on: ``envs``, a folder ``pipeline.<sub>``, or a module of its
+    own at the top of ``pipeline`` (``pipeline.torch_utils``, ``pipeline.__main__``)."""
     parts = module.split(".")
-    if parts[0] == "envs" or len(parts) == 1:
-        return parts[0]
-    path = ROOT.joinpath(*parts[:2])
-    return ".".join(parts[:2]) if path.is_dir() else "pipeline"
+    return parts[0] if parts[0] == "envs" else ".".join(parts[:2])
 
 
 def test_no_module_imports_in_a_circle():

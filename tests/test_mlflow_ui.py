@@ -112,3 +112,50 @@ def test_the_experiment_opens_on_its_training_runs_not_genai_traces(registered, 
     # The runs table with n2n's run and its registered student, not the traces dashboard.
     assert "n2n run" in body and f"{MODEL_NAME}\nv{info.version}" in body, body[:1500]
     assert "Token Usage" not in body and "Tool calls" not in body
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def readme_ui_address() -> str:
+    """The address the README tells a user to open after ``mlflow ui``."""
+    line = next(
+        ln for ln in README.read_text().splitlines() if "mlflow ui --backend-store-uri" in ln
+    )
+    return next(word for word in line.split() if word.startswith(LOCAL_UI))
+
+
+@pytest.mark.timeout(240)
+def test_the_readme_address_opens_the_training_runs(registered, browser):
+    """The README's ``mlflow ui`` line, followed as written (on this test's server), lands on
+    the experiment's runs, not on MLflow 3's GenAI view."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, info = registered
+    address = readme_ui_address()
+    assert "workflowType=machine_learning" in address
+    browser.get(address.replace(LOCAL_UI, server.url))
+    WebDriverWait(browser, 90, poll_frequency=0.5).until(
+        lambda d: "Run Name" in d.find_element(By.TAG_NAME, "body").text
+    )
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "n2n run" in body and "Token Usage" not in body, body[:1500]
+
+
+def test_a_sqlite_run_says_how_to_open_its_page(tmp_path):
+    db = tmp_path / "mlflow.db"
+    tracker = Tracker(f"sqlite:///{db}", experiment="n2n")
+    tracker.check_reachable()
+    tracker.start({"name": "x"}, {"arch": "small_cnn", "params": 1}, dataset="digits")
+    tracker.close()
+    where = tracker.where_to_look()
+    assert where.startswith(f"mlflow ui --backend-store-uri sqlite:///{db}, then open {LOCAL_UI}/")
+    assert f"#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}?" in where
+    assert where.endswith("workflowType=machine_learning")
+    # The README's address is this store's first experiment, as it is in a new store.
+    assert (
+        readme_ui_address()
+        == f"{LOCAL_UI}/#/experiments/{tracker.experiment_id}?workflowType=machine_learning"
+    )

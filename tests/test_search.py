@@ -21,12 +21,13 @@ import pytest
 from envs.checkpoint import load_checkpoint
 from envs.env import RemovalEnv, ShrinkageEnv
 from envs.evaluation import SyntheticEvaluator
-from pipeline.config.schema import load_config
+from pipeline.config.presets import load_config
 from pipeline.job import sweeps
 from pipeline.search.random_search import random_episode
-from pipeline.search.trial import child_row
-from pipeline.tracking.progress import iteration_stats, summary_table
+from pipeline.search.records import child_row
+from pipeline.tracking.progress import iteration_stats
 from pipeline.tracking.rundir import RunDir, pareto
+from pipeline.tracking.tables import summary_table
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = {
@@ -243,8 +244,8 @@ def _check_run_dir(run_dir: Path, stages: dict[str, int]) -> dict[str, Any]:
     assert summary["compression_ratio"] == pytest.approx(teacher["params"] / student["params"])
     assert student["val_accuracy"] > 0.5 and student["test_accuracy"] > 0.5  # chance is 0.1
     # The student reloads from spec.json + weights.pt alone to the accuracy reported.
-    from pipeline.children.distill import evaluate_accuracy
     from pipeline.data.datasets import load_dataset
+    from pipeline.torch_utils import evaluate_accuracy
 
     splits = load_dataset("digits", val_fraction=0.2, seed=0)
     reloaded = load_checkpoint(run_dir / "best", num_classes=10)

@@ -37,9 +37,10 @@ import pytest
 import yaml
 
 from pipeline.cli.main import build_parser, main
-from pipeline.cluster.job_paths import cluster_paths_problem, sqlite_artifact_root
+from pipeline.cluster.job_paths import cluster_paths_problem
 from pipeline.cluster.submit import auth_token, job_preset
-from pipeline.config.schema import load_config
+from pipeline.config.presets import load_config
+from pipeline.tracking.store import sqlite_artifact_root
 from tests.kuberay_rules import refusal, strict_schema
 from tests.mlflow_server import free_port
 

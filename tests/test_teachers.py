@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from envs.costs import count_params
 from pipeline.data.datasets import load_dataset
-from pipeline.data.teachers import TeacherConfig, load_teacher, teacher_base_spec, train_teacher
+from pipeline.data.teachers import TeacherTraining, load_teacher, teacher_base_spec, train_teacher
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +32,7 @@ def trained(digits, tmp_path_factory):
         model, metrics = train_teacher(
             {"arch": "small_cnn", "kwargs": {"width": 0.5}},
             digits,
-            TeacherConfig(epochs=10, augment="shift"),
+            TeacherTraining(epochs=10, augment="shift"),
             out_dir=out,
         )
     finally:
@@ -90,15 +95,15 @@ def test_arch_spec_is_completed_from_the_dataset(digits):
 
 
 def test_max_steps_and_bad_settings(digits):
-    model, metrics = train_teacher("small_cnn", digits, TeacherConfig(max_steps=3, epochs=50))
+    model, metrics = train_teacher("small_cnn", digits, TeacherTraining(max_steps=3, epochs=50))
     assert metrics["steps"] == 3
     with pytest.raises(ValueError, match="teacher augment 'mixup'"):
-        TeacherConfig(augment="mixup")
+        TeacherTraining(augment="mixup")
 
 
 def test_a_torchvision_teacher_trains_on_grey_images_and_reloads(digits, tmp_path):
     arch = {"arch": "torchvision.models:mobilenet_v2", "kwargs": {"width_mult": 0.25}, "width": 1.0}
-    model, metrics = train_teacher(arch, digits, TeacherConfig(max_steps=2), out_dir=tmp_path)
+    model, metrics = train_teacher(arch, digits, TeacherTraining(max_steps=2), out_dir=tmp_path)
     loaded = load_teacher(tmp_path, digits)
     assert loaded.spec["base"]["kwargs"] == {"width_mult": 0.25, "num_classes": 10}
     assert loaded.spec["base"]["adapt"] == {"features.0.0": {"in_channels": 1}}
@@ -106,3 +111,23 @@ def test_a_torchvision_teacher_trains_on_grey_images_and_reloads(digits, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), model.eval()(x))
     assert metrics["params"] == count_params(loaded.model) and metrics["steps"] == 2
+
+
+@pytest.mark.timeout(180)
+def test_teacher_training_off_a_terminal_prints_a_line_per_epoch(tmp_path):
+    """``n2n teacher`` writing to a pipe (a ``ray job`` or pod log) says how far it is after
+    every epoch instead of staying silent until the end."""
+    out = tmp_path / "teacher"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "teacher", "--out", str(out),
+         "--set", "teacher.epochs=3", "--set", "data.max_train=300"],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    epochs = [ln for ln in lines if ": epoch " in ln]
+    assert [ln.split(": epoch ")[1].split(",")[0] for ln in epochs] == ["1/3", "2/3", "3/3"]
+    assert all(
+        ln.startswith("teacher small_cnn on digits: epoch") and " loss " in ln for ln in epochs
+    )
+    assert lines[-1].startswith("teacher small_cnn on digits:") and str(out) in lines[-1]

@@ -32,7 +32,8 @@ from envs.spec import base_spec, teacher_spec
 from pipeline.data.datasets import load_dataset
 from pipeline.tracking import plots
 from pipeline.tracking.redaction import flatten_config, redact, scrub
-from pipeline.tracking.tracker import CHAMPION_ALIAS, DEFAULT_TRACKING_URI, RetryPolicy, Tracker
+from pipeline.tracking.store import DEFAULT_TRACKING_URI
+from pipeline.tracking.tracker import CHAMPION_ALIAS, RetryPolicy, Tracker
 
 SECRET = "hunter2-S3CR3T"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -427,43 +428,3 @@ def test_server_restart_mid_run_loses_no_child_record(tmp_path, monkeypatch, cap
         if restarter is not None:
             restarter.join()
         server.stop()
-
-
-@pytest.mark.timeout(180)
-def test_tune_trials_nest_under_their_stage_run_with_a_redacted_config(
-    server, ray_cluster, tmp_path
-):
-    from ray import tune
-
-    def trainable(config):
-        for i in range(3):
-            tune.report({"episode_return_mean": config["x"] * i})
-
-    tracker = Tracker(server.url, experiment="tune")
-    tracker.start({"name": "tune"}, {"params": 1}, dataset="digits")
-    with tracker.stage("removal"):
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"x": 2.0, "env_config": {"api_key": SECRET, "units": 4}},
-            run_config=tune.RunConfig(
-                name="trial", storage_path=str(tmp_path), verbose=0,
-                callbacks=[tracker.tune_callback("removal")],
-            ),
-        )  # fmt: skip
-        results = tuner.fit()
-    tracker.close()
-    assert not results.errors
-
-    client = tracker.client
-    stage = client.search_runs(
-        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker.run_id}'"
-    )
-    assert [r.data.tags["n2n.stage"] for r in stage] == ["removal"]
-    trials = client.search_runs(
-        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{stage[0].info.run_id}'"
-    )
-    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
-    params = trials[0].data.params
-    assert params["env_config/api_key"] == "***" and params["env_config/units"] == "4"
-    history = client.get_metric_history(trials[0].info.run_id, "episode_return_mean")
-    assert sorted(m.value for m in history) == [0.0, 2.0, 4.0]

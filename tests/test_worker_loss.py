@@ -5,7 +5,7 @@ the head takes no Ray work (``--num-cpus 0``, as the chart's head), so every chi
 the worker node. The test runs the real ``n2n run --address`` CLI against it,
 kills the worker node's raylet (SIGKILL, as a preempted or evicted node dies) while a child
 trains there, and starts a new worker node, as an autoscaler replacing it would. The trial and
-its env runners stay on the head (``pipeline.search.trial.ON_HEAD``), so the search itself survives.
+its env runners stay on the head (``pipeline.search.records.ON_HEAD``), so the search itself survives.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config.schema import load_config
-from pipeline.search.trial import ON_HEAD, RUNNER_CPUS, runner_cpus, stage_settings, trial_resources
+from pipeline.config.presets import load_config
+from pipeline.search.records import ON_HEAD, RUNNER_CPUS, runner_cpus
+from pipeline.search.rllib import trial_resources
+from pipeline.search.trial import stage_settings
 from pipeline.tracking.rundir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,7 +185,7 @@ def cluster() -> Iterator[Cluster]:
 def _child_running_on(raylet: int) -> bool:
     """Whether a worker of that raylet is executing a child's KD task right now."""
     return any(
-        ppid == raylet and cmd.startswith("ray::_child_task") for _, ppid, cmd in _processes()
+        ppid == raylet and cmd.startswith("ray::child_task") for _, ppid, cmd in _processes()
     )
 
 
@@ -191,7 +193,7 @@ def _child_running_on(raylet: int) -> bool:
 @pytest.mark.timeout(360)
 def test_losing_a_worker_node_mid_search_loses_no_child(cluster: Cluster, tmp_path: Path) -> None:
     # The chart's layout: a head that takes no Ray work (num-cpus 0) runs the driver, the
-    # trial and its env runners (reserving no CPU there, pipeline.search.trial.runner_cpus); every
+    # trial and its env runners (reserving no CPU there, pipeline.search.records.runner_cpus); every
     # child trains on a worker node.
     cluster.head(num_cpus=0)
     cluster.worker(num_cpus=2, resources={MARKER: 1})

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_NAME = "n2n-reward-cache"
@@ -171,8 +173,6 @@ def get_or_create_cache(name: str, path: str | Path | None = None) -> Any:
     The actor belongs to whoever creates it first: create it in the driver (the evaluator's
     ``prepare`` does) so that it lives as long as the run, not as long as one env runner.
     """
-    import ray
-
     actor_cls = ray.remote(num_cpus=0, max_restarts=1)(RewardCache)
     return actor_cls.options(
         name=name,
@@ -180,3 +180,10 @@ def get_or_create_cache(name: str, path: str | Path | None = None) -> Any:
         scheduling_strategy="DEFAULT",
         resources={"node:__internal_head__": 0.001},  # outlives any worker node, see search.ON_HEAD
     ).remote(str(path) if path else None)
+
+
+def call(cache: Any, method: str, *args: Any) -> Any:
+    """Calls a cache method on the object itself (local mode) or on its Ray actor."""
+    if isinstance(cache, RewardCache):
+        return getattr(cache, method)(*args)
+    return ray.get(getattr(cache, method).remote(*args))

@@ -18,9 +18,15 @@ absorbs some of that, and a constant schedule (the search default) suits the ass
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from envs.evaluation import ChildResult
+from pipeline.children.cache import call
+
+logger = logging.getLogger(__name__)
 
 Curve = Sequence[tuple[int, float]]
 """Measured ``(step, validation accuracy)`` pairs, in increasing step order."""
@@ -111,3 +117,65 @@ def should_stop(
         return False
     bound = accuracy_upper_bound(curve, total_steps, settings.slack)
     return reward_at(bound) < kth_best
+
+
+@dataclass(frozen=True)
+class StopPlan:
+    """What one child's task needs for early stopping; pickles into the Ray task."""
+
+    settings: EarlyStop
+    leaderboard: Any
+    """The reward cache: a :class:`RewardCache` in local mode, else its actor handle."""
+    reward_at: Callable[..., float]
+    """The child's reward at a given accuracy (``envs.evaluation.Child.reward_at``)."""
+    key: str
+    """The child's architecture hash: one leaderboard entry per architecture."""
+
+    def kth_best(self) -> float | None:
+        return call(self.leaderboard, "kth_best", self.settings.top_k)
+
+    def offer_result(self, result: ChildResult) -> None:
+        """Enters a full-budget result's reward into the leaderboard; never raises."""
+        try:
+            if result.latency_s is None:
+                reward = self.reward_at(result.accuracy)
+            else:
+                reward = self.reward_at(result.accuracy, latency_s=result.latency_s)
+            call(self.leaderboard, "offer", reward, self.key)
+        except Exception as err:  # a lost leaderboard only means less stopping
+            logger.warning("could not offer child %s to the leaderboard: %s", self.key, err)
+
+
+class CheckpointRule:
+    """The ``on_checkpoint`` callback of one child: stops it when it cannot reach the top-k."""
+
+    def __init__(self, plan: StopPlan, total_steps: int) -> None:
+        self.plan, self.total_steps = plan, total_steps
+        self.steps = plan.settings.checkpoint_steps(total_steps)
+        self.curve: list[tuple[int, float]] = []
+        self.kth_best: float | None = None
+
+    def __call__(self, step: int, accuracy: float) -> bool:
+        self.curve.append((step, accuracy))
+        try:
+            self.kth_best = self.plan.kth_best()
+            return should_stop(
+                self.curve, self.total_steps, self.plan.reward_at, self.kth_best, self.plan.settings
+            )
+        except Exception as err:  # e.g. a latency budget, unknown before training ends
+            logger.warning("child %s not stopped at step %d: %s", self.plan.key, step, err)
+            return False
+
+    def record(self, stopped: bool) -> dict[str, Any]:
+        """The ``ChildResult.extra`` entries that say how the child's training ended."""
+        curve = [[s, a] for s, a in self.curve]
+        if not stopped:
+            return {"early_stopped": False, "curve": curve}
+        bound = accuracy_upper_bound(self.curve, self.total_steps, self.plan.settings.slack)
+        return {
+            "early_stopped": True,
+            "reward_bound": "lower",
+            "curve": curve,
+            "accuracy_upper_bound": bound,
+            "kth_best": self.kth_best,
+        }

@@ -24,22 +24,22 @@ With ``early_stop`` a child is scored at a few checkpoints of its training and s
 its best reachable reward falls below the k-th best full-budget reward so far (the reward
 cache actor keeps that leaderboard; see ``pipeline.children.early_stop``). A stopped child's result
 says so (``extra["early_stopped"]``) and its accuracy, hence its reward, is a lower bound.
+
+Longer than 400 lines because one class holds the evaluation protocol whose parts share its
+state (the cache connection, the flights in progress, their retries and timeouts); the task
+body (``task``), the payload (``payload``), the early-stop plan (``early_stop``) and the
+cache itself (``cache``) live in their own modules.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
-import torch
 from torch import nn
 
 from envs.evaluation import Child, ChildResult
@@ -49,22 +49,19 @@ from pipeline.children.cache import (
     HIT,
     PENDING,
     RewardCache,
+    call,
     get_or_create_cache,
 )
-from pipeline.children.distill import (
-    ChildTimeoutError,
-    DistillConfig,
-    distill_payload,
-    evaluate_accuracy,
-    measure_latency,
-    teacher_logits,
-)
-from pipeline.children.early_stop import EarlyStop, accuracy_upper_bound, should_stop
+from pipeline.children.early_stop import EarlyStop, StopPlan
+from pipeline.children.kd import KDSettings
+from pipeline.children.payload import fingerprint, make_payload, validation_subset
+from pipeline.children.task import NOT_CACHEABLE, child_task, error_result, train_child
+from pipeline.data.datasets import load_dataset
+from pipeline.data.teachers import load_teacher
+from pipeline.torch_utils import evaluate_accuracy
 
 logger = logging.getLogger(__name__)
 
-_NOT_CACHEABLE = "not_cacheable"
-"""Key in ``ChildResult.extra`` marking failures that depend on load, not on the child."""
 
 LOST_ERRORS: tuple[type[Exception], ...] = (
     ray.exceptions.NodeDiedError,
@@ -97,7 +94,7 @@ class KDEvaluator:
     Args:
         teacher: teacher checkpoint folder, or the teacher network itself.
         dataset: dataset name, or keyword arguments for ``pipeline.data.datasets.load_dataset``.
-        distill: distillation settings (``pipeline.children.distill.DistillConfig`` fields).
+        distill: distillation settings (``pipeline.children.kd.KDSettings`` fields).
         num_cpus: CPUs reserved by each child task (also its PyTorch thread count).
         num_gpus: GPUs reserved by each child task; a fraction shares one GPU between children.
         timeout_s: a child whose training runs longer fails (reward -1); None for no limit.
@@ -129,7 +126,7 @@ class KDEvaluator:
         self,
         teacher: str | Path | nn.Module | None = None,
         dataset: str | dict[str, Any] = "digits",
-        distill: dict[str, Any] | DistillConfig | None = None,
+        distill: dict[str, Any] | KDSettings | None = None,
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         timeout_s: float | None = 1800.0,
@@ -174,7 +171,7 @@ class KDEvaluator:
         self.val_subset = val_subset
         self.teacher = str(teacher) if isinstance(teacher, Path) else teacher
         self.dataset = {"name": dataset} if isinstance(dataset, str) else dict(dataset)
-        self.distill_config = DistillConfig.from_dict(distill)
+        self.distill_config = KDSettings.from_dict(distill)
         self.num_cpus, self.num_gpus = float(num_cpus), float(num_gpus)
         self.timeout_s = timeout_s
         self.hard_timeout_s = (
@@ -210,43 +207,24 @@ class KDEvaluator:
         if self.prepared:
             self._connect_cache()
             return self
-        from pipeline.data.datasets import load_dataset
-        from pipeline.data.teachers import load_teacher
-
         splits = load_dataset(**self.dataset)
-        val_x, val_y = splits.val
-        if self.val_subset is not None and self.val_subset < len(val_y):
-            generator = torch.Generator().manual_seed(int(self.dataset.get("seed", 0)))
-            keep = torch.randperm(len(val_y), generator=generator)[: self.val_subset].sort().values
-            val_x, val_y = val_x[keep], val_y[keep]
+        val = validation_subset(splits, self.val_subset, int(self.dataset.get("seed", 0)))
         if isinstance(self.teacher, nn.Module):
             teacher = self.teacher
         else:
             teacher = load_teacher(self.teacher, splits).model
-        started = time.perf_counter()
-        logits = teacher_logits(teacher, splits.train[0], device=self.distill_config.device)
-        if logits.shape != (len(splits.train[1]), splits.num_classes):
-            raise ValueError(
-                f"teacher outputs {tuple(logits.shape[1:])} per example but dataset {splits.name!r} "
-                f"has {splits.num_classes} classes; use a teacher trained on it"
-            )
+        payload = make_payload(splits, teacher, device=self.distill_config.device, val=val)
         if self._teacher_accuracy is None:
-            self._teacher_accuracy = evaluate_accuracy(teacher.cpu(), val_x, val_y)
-        logger.info(
-            "teacher logits for %d examples in %.2fs; teacher val accuracy %.4f",
-            len(logits),
-            time.perf_counter() - started,
-            self._teacher_accuracy,
+            self._teacher_accuracy = evaluate_accuracy(teacher.cpu(), *val)
+        logger.info("teacher val accuracy %.4f", self._teacher_accuracy)
+        self.fingerprint = fingerprint(
+            payload,
+            {
+                "dataset": self.dataset,
+                "distill": self.distill_config.fingerprint(),
+                "latency": self.latency_batch if self.measure_latency else None,
+            },
         )
-        payload = {
-            "train_x": splits.train[0].numpy(),
-            "train_y": splits.train[1].numpy(),
-            "val_x": val_x.numpy(),
-            "val_y": val_y.numpy(),
-            "teacher_logits": logits.numpy(),
-            "input_shape": tuple(splits.input_shape),
-        }
-        self.fingerprint = self._fingerprint(payload)
         if self.local:
             self._local_payload = payload
             self.payload = "local"
@@ -343,7 +321,7 @@ class KDEvaluator:
 
         for key, result in self._collect(flights, cache, started).items():
             flight = flights[key]
-            if cache is not None and result.extra.get(_NOT_CACHEABLE):
+            if cache is not None and result.extra.get(NOT_CACHEABLE):
                 # not worth keeping; a joined evaluation may also have lost its owner for good
                 self._cache_call(cache, "release", key)
             elif cache is not None and flight.ours and not result.cache_hit:
@@ -383,8 +361,8 @@ class KDEvaluator:
         try:
             ref = self._submit(child, cache)
         except Exception as err:  # e.g. the child cannot be serialised
-            result = _error_result(err, started)
-            result.extra[_NOT_CACHEABLE] = True
+            result = error_result(err, started)
+            result.extra[NOT_CACHEABLE] = True
             return result, None, False
         if cache is not None:
             status, value = self._cache_call(cache, "claim", key, [ref])
@@ -414,7 +392,7 @@ class KDEvaluator:
         if self.local:
             return ("local", self._local_payload, args)
         # max_retries=0: a lost task comes back to _collect, which resubmits and counts it.
-        return _child_task.options(
+        return child_task.options(
             num_cpus=self.num_cpus,
             num_gpus=self.num_gpus,
             max_retries=0,
@@ -454,7 +432,7 @@ class KDEvaluator:
                             "(the task hung or could not be scheduled; check num_cpus/num_gpus)"
                         ),
                         wall_time_s=time.perf_counter() - started,
-                        extra={_NOT_CACHEABLE: True},
+                        extra={NOT_CACHEABLE: True},
                     )
                 break
             key = by_ref.pop(ready[0])
@@ -468,8 +446,8 @@ class KDEvaluator:
                     out[key] = result
             except Exception as err:  # the task was cancelled, its arguments were lost, ...
                 cause = getattr(err, "cause", None) or err
-                result = _error_result(cause, started)
-                result.extra[_NOT_CACHEABLE] = True
+                result = error_result(cause, started)
+                result.extra[NOT_CACHEABLE] = True
                 out[key] = result
         return out
 
@@ -481,8 +459,8 @@ class KDEvaluator:
         Returns None when it is in flight again (``flight`` then holds the new ref), else the
         child's result: a cache hit, or the loss itself once ``max_retries`` are used up.
         """
-        loss = _error_result(err, started)
-        loss.extra[_NOT_CACHEABLE] = True
+        loss = error_result(err, started)
+        loss.extra[NOT_CACHEABLE] = True
         if flight.retries >= self.max_retries:
             times = flight.retries + 1
             loss.error += f" (lost {times} time{'s' * (times > 1)}, max_retries={self.max_retries})"
@@ -514,7 +492,7 @@ class KDEvaluator:
         return self._cache_handle
 
     def _cache_call(self, cache: Any, method: str, *args: Any) -> Any:
-        return _call(cache, method, *args)
+        return call(cache, method, *args)
 
     def _offer_cached(self, cache: Any, child: Child, result: ChildResult) -> None:
         """Enters a cached full-budget result into the leaderboard (it is empty after a resume)."""
@@ -527,20 +505,6 @@ class KDEvaluator:
     def _resolved_cache_name(self) -> str:
         return self.cache_name or f"{DEFAULT_CACHE_NAME}-{self.fingerprint}"
 
-    def _fingerprint(self, payload: dict[str, Any]) -> str:
-        """Hash of everything that decides a child's accuracy: data, teacher, KD settings."""
-        digest = hashlib.sha256()
-        for name in ("train_y", "val_y", "teacher_logits"):
-            digest.update(np.ascontiguousarray(payload[name]).tobytes())
-        digest.update(np.ascontiguousarray(payload["val_x"][:64]).tobytes())
-        settings = {
-            "dataset": self.dataset,
-            "distill": self.distill_config.fingerprint(),
-            "latency": self.latency_batch if self.measure_latency else None,
-        }
-        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-        return digest.hexdigest()[:16]
-
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_cache_handle"] = None  # reconnect by name in the receiving process
@@ -548,163 +512,6 @@ class KDEvaluator:
         if isinstance(self.teacher, nn.Module) and self.prepared and not self.local:
             state["teacher"] = None  # logits and accuracy already carry what children need
         return state
-
-
-@dataclass(frozen=True)
-class StopPlan:
-    """What one child's task needs for early stopping; pickles into the Ray task."""
-
-    settings: EarlyStop
-    leaderboard: Any
-    """The reward cache: a :class:`RewardCache` in local mode, else its actor handle."""
-    reward_at: Callable[..., float]
-    """The child's reward at a given accuracy (``envs.evaluation.Child.reward_at``)."""
-    key: str
-    """The child's architecture hash: one leaderboard entry per architecture."""
-
-    def kth_best(self) -> float | None:
-        return _call(self.leaderboard, "kth_best", self.settings.top_k)
-
-    def offer_result(self, result: ChildResult) -> None:
-        """Enters a full-budget result's reward into the leaderboard; never raises."""
-        try:
-            if result.latency_s is None:
-                reward = self.reward_at(result.accuracy)
-            else:
-                reward = self.reward_at(result.accuracy, latency_s=result.latency_s)
-            _call(self.leaderboard, "offer", reward, self.key)
-        except Exception as err:  # a lost leaderboard only means less stopping
-            logger.warning("could not offer child %s to the leaderboard: %s", self.key, err)
-
-
-class _CheckpointRule:
-    """The ``on_checkpoint`` callback of one child: stops it when it cannot reach the top-k."""
-
-    def __init__(self, plan: StopPlan, total_steps: int) -> None:
-        self.plan, self.total_steps = plan, total_steps
-        self.steps = plan.settings.checkpoint_steps(total_steps)
-        self.curve: list[tuple[int, float]] = []
-        self.kth_best: float | None = None
-
-    def __call__(self, step: int, accuracy: float) -> bool:
-        self.curve.append((step, accuracy))
-        try:
-            self.kth_best = self.plan.kth_best()
-            return should_stop(
-                self.curve, self.total_steps, self.plan.reward_at, self.kth_best, self.plan.settings
-            )
-        except Exception as err:  # e.g. a latency budget, unknown before training ends
-            logger.warning("child %s not stopped at step %d: %s", self.plan.key, step, err)
-            return False
-
-    def record(self, stopped: bool) -> dict[str, Any]:
-        """The ``ChildResult.extra`` entries that say how the child's training ended."""
-        curve = [[s, a] for s, a in self.curve]
-        if not stopped:
-            return {"early_stopped": False, "curve": curve}
-        bound = accuracy_upper_bound(self.curve, self.total_steps, self.plan.settings.slack)
-        return {
-            "early_stopped": True,
-            "reward_bound": "lower",
-            "curve": curve,
-            "accuracy_upper_bound": bound,
-            "kth_best": self.kth_best,
-        }
-
-
-def train_child(
-    payload: dict[str, Any],
-    model: nn.Module,
-    cfg: DistillConfig,
-    timeout_s: float | None,
-    latency_batch: int | None,
-    num_threads: int,
-    plan: StopPlan | None = None,
-) -> ChildResult:
-    """Distils one child from the payload's teacher logits and scores it; never raises.
-
-    This is the body of the Ray task (also called directly in local mode). Errors come back as
-    ``ChildResult.error = "ErrorClass: message"``; those that depend on the machine's load
-    rather than on the child (timeouts, out of memory) are marked not cacheable. With a
-    ``plan`` the child may stop early (its accuracy then a lower bound); a child trained to
-    its full budget enters its reward into the leaderboard.
-    """
-    started, cpu_started = time.perf_counter(), time.process_time()
-    deadline = started + timeout_s if timeout_s is not None else None
-    try:
-        torch.set_num_threads(num_threads)
-        rule = None
-        if plan is not None:
-            rule = _CheckpointRule(plan, cfg.total_steps(len(payload["train_y"])))
-        result = distill_payload(
-            model,
-            payload,
-            cfg,
-            deadline=deadline,
-            checkpoints=rule.steps if rule else (),
-            on_checkpoint=rule,
-        )
-        extra: dict[str, Any] = {
-            "initial_accuracy": result.initial_accuracy,
-            "train_time_s": result.train_time_s,
-            "final_loss": result.final_loss,
-            "epochs": result.epochs,
-            "device": result.device,
-            "cpu_time_s": time.process_time() - cpu_started,
-        }
-        latency = None
-        if latency_batch is not None:
-            timings = measure_latency(model, payload["input_shape"], (1, latency_batch))
-            latency = timings[1]
-            extra["latency_batch_s"] = timings[latency_batch]
-            extra["latency_batch"] = latency_batch
-        if rule is not None:
-            extra.update(rule.record(result.stopped_early))
-        scored = ChildResult(
-            accuracy=result.accuracy,
-            wall_time_s=time.perf_counter() - started,
-            kd_steps=result.steps,
-            latency_s=latency,
-            extra=extra,
-        )
-        if plan is not None and not result.stopped_early:
-            plan.offer_result(scored)
-        return scored
-    except ChildTimeoutError as err:
-        return ChildResult(
-            error=f"ChildTimeoutError: exceeded the per-child timeout of {timeout_s:g} s ({err})",
-            wall_time_s=time.perf_counter() - started,
-            extra={_NOT_CACHEABLE: True},
-        )
-    except torch.cuda.OutOfMemoryError as err:
-        torch.cuda.empty_cache()
-        result = _error_result(err, started)
-        result.extra[_NOT_CACHEABLE] = True  # may fit when fewer children share the GPU
-        return result
-    except Exception as err:
-        logger.debug("child failed", exc_info=True)
-        return _error_result(err, started)
-
-
-@ray.remote
-def _child_task(payload: dict[str, Any], *args: Any) -> ChildResult:
-    """The Ray task: Ray resolves ``payload`` from the object store (zero-copy for arrays)."""
-    return train_child(payload, *args)
-
-
-def _call(cache: Any, method: str, *args: Any) -> Any:
-    """Calls a cache method on the object itself (local mode) or on its Ray actor."""
-    if isinstance(cache, RewardCache):
-        return getattr(cache, method)(*args)
-    return ray.get(getattr(cache, method).remote(*args))
-
-
-def _error_result(err: BaseException, started: float) -> ChildResult:
-    message = str(err).strip().splitlines()
-    return ChildResult(
-        error=f"{type(err).__name__}: {message[0] if message else 'no message'}",
-        wall_time_s=time.perf_counter() - started,
-    )
 
 
 def _from_cached(stored: dict[str, Any], started: float) -> ChildResult:

@@ -1,18 +1,22 @@
 """The ``n2n`` command line: ``run``, ``teacher``, ``baseline``, ``sweep`` and ``submit``
 (``run`` as a Ray job, see :mod:`pipeline.cluster.submit`).
 
-Everything that can be checked without Ray is checked first: the config (preset, ``--set``
-overrides and flags), the run directory, the teacher checkpoint, the dataset, the evaluator's
-import path and the MLflow store. A problem there exits with code 2 and one line on stderr
-before any Ray work starts (argparse's own errors exit 2 too). A failure during the search
-exits 1 with one line; Ctrl+C exits 130 and SIGTERM 143, both saying how to resume.
+Every command's flags come from the one flag table (``pipeline.config.flags``) and every exit
+code from the one exit table (``pipeline.config.exits``). Everything that can be checked
+without Ray is checked first: the config (preset, ``--set`` overrides and flags), the run
+directory, the teacher checkpoint, the dataset, the evaluator's import path and the MLflow
+store. A problem there exits with code 2 and one line on stderr before any Ray work starts
+(argparse's own errors exit 2 too). A failure during the search exits 1 with one line;
+Ctrl+C exits 130 and SIGTERM 143, both saying how to resume.
+
+The commands import the job, Ray, PyTorch and MLflow inside their functions: ``n2n --help``
+and a refused command line answer in about a second instead of the ten these imports take.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -22,26 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster import preflight
-from pipeline.cluster.job_paths import cluster_paths_problem
-from pipeline.config.schema import (
-    DEFAULT_PRESET,
-    ConfigError,
-    RunConfig,
-    load_config,
-    presets,
-    validate_config,
-)
+from pipeline.config.exits import Exit, epilog
+from pipeline.config.flags import UsageError, add_flags, config_from_args, overrides
+from pipeline.config.presets import DEFAULT_PRESET, load_config, validate_config
+from pipeline.config.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 
-EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
-RESUME_FLAGS = ("address", "tracking_uri", "no_tracking")
-"""Flags that may change on --resume: where the run goes, never what it searches."""
-
-
-class UsageError(ValueError):
-    """Bad input found before any Ray work; exit code 2."""
+BASELINE_METHODS = ("l1-unstructured", "slimming", "structured-l1", "kd-student", "random")
 
 
 class StopOnSigterm:
@@ -72,63 +64,6 @@ class StopOnSigterm:
 # --------------------------------------------------------------------------- parser
 
 
-def _config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-p", "--preset", default=None,
-        help=f"preset name ({', '.join(sorted(presets()))}) or a YAML file; default {DEFAULT_PRESET}",
-    )  # fmt: skip
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set removal.iterations=3 (repeatable; values are YAML)",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, help="seed of everything (config key seed)")
-    p.add_argument("--run-dir", help="run directory (output.run_dir); default runs/<name>-<time>")
-    p.add_argument(
-        "--address", help="join this Ray cluster (ray.address), e.g. auto or ray://host:10001"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress lines, only the final table")
-
-
-def _search_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--algo", choices=["ppo", "appo", "random"], help="search algorithm (search.algo)"
-    )
-    p.add_argument("--policy", choices=["lstm", "mlp"], help="policy network (search.policy)")
-    p.add_argument(
-        "--iterations", type=int, help="iterations of each stage (removal/shrinkage.iterations)"
-    )
-    p.add_argument(
-        "--episodes",
-        type=int,
-        help="children per iteration of each stage (…episodes_per_iteration)",
-    )
-    p.add_argument(
-        "--env-runners", type=int, help="children evaluated at once (search.env_runners)"
-    )
-    p.add_argument(
-        "--storage-path", help="Ray Tune storage, local path or s3:// (output.storage_path)"
-    )
-    p.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (tracking.uri); default sqlite:///mlflow.db"
-    )
-    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-
-
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of ``n2n run`` (and of ``n2n submit``, which runs it as a job)."""
-    _config_flags(p)
-    _search_flags(p)
-    p.add_argument(
-        "--skip-removal", action="store_true", help="skip stage 1 (removal.enabled=false)"
-    )
-    p.add_argument(
-        "--skip-shrinkage", action="store_true", help="skip stage 2 (shrinkage.enabled=false)"
-    )
-    p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory"
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="n2n",
@@ -136,166 +71,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = commands.add_parser("run", help="search for a student: removal, shrinkage, fine-tuning")
-    _run_flags(run)
-
-    teacher = commands.add_parser("teacher", help="train a teacher on the config's dataset")
-    _config_flags(teacher)
-    teacher.add_argument("--out", help="checkpoint folder; default runs/teacher-<dataset>-<arch>")
-
-    baseline = commands.add_parser(
-        "baseline", help="a classic compressor at the same budgets, for comparison"
-    )
-    baseline.add_argument(
-        "method", choices=["l1-unstructured", "slimming", "structured-l1", "kd-student", "random"],
+    helps = {
+        "run": "search for a student: removal, shrinkage, fine-tuning",
+        "teacher": "train a teacher on the config's dataset",
+        "baseline": "a classic compressor at the same budgets, for comparison",
+        "sweep": "several search trials (grid over config keys), ASHA",
+        "submit": "n2n run as a Ray job: on a Ray cluster (--address) or a KubeRay RayJob (--k8s)",
+    }
+    parsers = {}
+    for name, text in helps.items():
+        # submit's own --address (the job server) replaces run's.
+        extra = {"conflict_handler": "resolve"} if name == "submit" else {}
+        parsers[name] = commands.add_parser(name, help=text, epilog=epilog(name), **extra)
+    parsers["baseline"].add_argument(
+        "method", choices=BASELINE_METHODS,
         help="l1-unstructured: magnitude pruning sweep; slimming: Network Slimming; structured-l1: "
         "Torch-Pruning group L1 channel pruning; kd-student: a small zoo net trained by KD; "
         "random: random search with the RL search's child budget",
     )  # fmt: skip
-    _config_flags(baseline)
-    baseline.add_argument(
-        "--params", type=int, action="append", metavar="N",
-        help="parameter budget (repeatable; baseline.params); default teacher/10 and teacher/20",
-    )  # fmt: skip
-    baseline.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (tracking.uri); default sqlite:///mlflow.db"
+    for name, sub in parsers.items():
+        add_flags(sub, name)
+    parsers["teacher"].add_argument(
+        "--out", help="checkpoint folder; default runs/teacher-<dataset>-<arch>"
     )
-    baseline.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    baseline.add_argument(
-        "--register", action="store_true", help="register the best student (baseline.register_best)"
-    )
-
-    sweep = commands.add_parser("sweep", help="several search trials (grid over config keys), ASHA")
-    _config_flags(sweep)
-    _search_flags(sweep)
-    sweep.add_argument(
+    parsers["sweep"].add_argument(
         "--grid", action="append", default=[], metavar="KEY=V1,V2",
         help="sweep a config key over values, e.g. --grid seed=0,1,2 --grid search.algo=ppo,random",
     )  # fmt: skip
-
     from pipeline.cluster.submit import add_target_flags
 
-    # `n2n run`'s flags, then the target's (its --address, the job server, replaces run's).
-    submit = commands.add_parser(
-        "submit", conflict_handler="resolve",
-        help="n2n run as a Ray job: on a Ray cluster (--address) or a KubeRay RayJob (--k8s)",
-    )  # fmt: skip
-    _run_flags(submit)
-    add_target_flags(submit)
+    add_target_flags(parsers["submit"])
     return parser
-
-
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """The dotted overrides that the convenience flags stand for."""
-    out: list[str] = []
-    pairs = {
-        "seed": ["seed"], "run_dir": ["output.run_dir"], "address": ["ray.address"],
-        "algo": ["search.algo"], "policy": ["search.policy"], "env_runners": ["search.env_runners"],
-        "storage_path": ["output.storage_path"], "tracking_uri": ["tracking.uri"],
-        "iterations": ["removal.iterations", "shrinkage.iterations"],
-        "episodes": ["removal.episodes_per_iteration", "shrinkage.episodes_per_iteration"],
-    }  # fmt: skip
-    for attr, keys in pairs.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            out += [f"{key}={value}" for key in keys]
-    if getattr(args, "no_tracking", False):
-        out.append("tracking.enabled=false")
-    if getattr(args, "skip_removal", False):
-        out.append("removal.enabled=false")
-    if getattr(args, "skip_shrinkage", False):
-        out.append("shrinkage.enabled=false")
-    if getattr(args, "params", None):
-        out.append(f"baseline.params={list(args.params)}")
-    if getattr(args, "register", False):
-        out.append("baseline.register_best=true")
-    return out
-
-
-# --------------------------------------------------------------------------- checks (no Ray)
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The validated, path-resolved config of a command line (or the resumed run's own)."""
-    if getattr(args, "resume", None):
-        return _resume_config(args)
-    cfg = load_config(args.preset or DEFAULT_PRESET, [*args.overrides, *flag_overrides(args)])
-    return cfg.resolve_paths()
-
-
-def _resume_config(args: argparse.Namespace) -> RunConfig:
-    run_dir = Path(args.resume).expanduser().resolve()
-    if not (run_dir / "config.yaml").is_file():
-        raise UsageError(
-            f"--resume {args.resume}: no config.yaml there; pass the directory of an earlier n2n run"
-        )
-    changed = [flag for flag in ("preset", "overrides", "seed", "run_dir", "algo", "policy", "iterations",
-                                 "episodes", "env_runners", "storage_path", "skip_removal", "skip_shrinkage")
-               if getattr(args, flag, None)]  # fmt: skip
-    if changed:
-        raise UsageError(
-            f"--resume continues the run as configured in {run_dir / 'config.yaml'}; drop "
-            f"{_flag_name(changed[0])} (only --address and --tracking-uri may change)"
-        )
-    cfg = load_config(run_dir / "config.yaml", flag_overrides(args))
-    old_dir = Path(cfg.output.run_dir or "")
-    if old_dir != run_dir:  # the run directory was moved: follow it
-        output = {**cfg.output.model_dump(), "run_dir": str(run_dir)}
-        if cfg.output.storage_path == str(old_dir / "tune"):
-            output["storage_path"] = None  # the default, inside the run directory
-        cfg = validate_config({**cfg.model_dump(), "output": output})
-    return cfg.resolve_paths()
-
-
-def _flag_name(attr: str) -> str:
-    return {"overrides": "--set", "preset": "--preset"}.get(attr, "--" + attr.replace("_", "-"))
-
-
-def check_run(cfg: RunConfig, resume: bool) -> None:
-    """Everything about a run that can fail before the data is loaded and Ray starts."""
-    run_dir = Path(cfg.output.run_dir or "")
-    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise UsageError(
-            f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
-            "or choose another --run-dir"
-        )
-    preflight.check_writable(run_dir, "run directory", "--run-dir")
-    storage = cfg.output.storage_path or ""
-    if storage and "://" not in storage:
-        preflight.check_writable(storage, "Tune storage", "--storage-path")
-    if cfg.teacher.checkpoint is not None:
-        folder = Path(cfg.teacher.checkpoint)
-        if not ((folder / "spec.json").is_file() and (folder / "weights.pt").is_file()):
-            raise UsageError(
-                f"teacher.checkpoint {folder} is not a checkpoint folder (spec.json + weights.pt); "
-                "train one with n2n teacher"
-            )
-    module, _, attr = cfg.search.evaluator.partition(":")
-    try:
-        getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError):
-        raise UsageError(
-            f"search.evaluator {cfg.search.evaluator!r} cannot be imported; use 'package.module:Class'"
-        ) from None
-    preflight.check_address(cfg.ray.address)
-    if problem := cluster_paths_problem(cfg):  # inside a Ray job: results must outlive it
-        raise UsageError(problem)
-
-
-def make_tracker(cfg: RunConfig, register: bool = True) -> Any:
-    """An MLflow tracker that has been checked to work, or None when tracking is off.
-
-    ``register=False`` gives a tracker that logs a student without registering it.
-    """
-    if not cfg.tracking.enabled:
-        return None
-    from pipeline.tracking.tracker import Tracker
-
-    registry_name = (cfg.tracking.registry_name or f"n2n-{cfg.name}") if register else None
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, registry_name)
-    tracker.check_reachable()
-    return tracker
 
 
 # --------------------------------------------------------------------------- commands
@@ -310,94 +116,92 @@ def _quiet_ray(verbose: bool) -> None:
 
 
 def _console(quiet: bool) -> Any:
+    """Where progress lines go: None (logged instead) with ``--quiet``."""
     from rich.console import Console
 
     return None if quiet else Console(highlight=False)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+def _open(args: argparse.Namespace, cfg: Any, resume: bool = False) -> Any:
+    """The checks of a command that runs on Ray, in order; returns the loaded dataset."""
+    from pipeline.cluster import preflight
+    from pipeline.data.datasets import load_splits
 
-    from pipeline.job import run as compress
-    from pipeline.tracking.progress import summary_table
+    args.run_dir_resolved = cfg.output.run_dir
+    preflight.check_run(cfg, resume)
+    _quiet_ray(args.verbose)
+    splits = load_splits(cfg)
+    preflight.check_teacher(cfg, splits)
+    return splits
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.job.run import run
+    from pipeline.tracking.tables import console, summary_table
+    from pipeline.tracking.tracker import tracker_for
 
     resume = bool(args.resume)
     cfg = config_from_args(args)
-    args.run_dir_resolved = cfg.output.run_dir
-    check_run(cfg, resume)
-    _quiet_ray(args.verbose)
-    splits = compress.load_splits(cfg)
-    preflight.check_teacher(cfg, splits)
-    tracker = make_tracker(cfg)
-    console = _console(args.quiet)
+    splits = _open(args, cfg, resume)
+    tracker = tracker_for(cfg)
     with tracker or contextlib.nullcontext():  # closes the MLflow run FINISHED/FAILED/KILLED
-        summary = compress.run(cfg, resume=resume, console=console, tracker=tracker, splits=splits)
-    out = Console(highlight=False)
+        summary = run(
+            cfg, resume=resume, console=_console(args.quiet), tracker=tracker, splits=splits
+        )
+    out = console()
     out.print(summary_table(summary))
-    out.print(f"run directory: {cfg.output.run_dir}")
-    if tracker is not None and (url := tracker.ui_url()):
-        out.print(f"MLflow run: {url}", soft_wrap=True)
-    return 0
+    out.print(f"run directory: {cfg.output.run_dir}", soft_wrap=True)
+    if tracker is not None:
+        out.print(f"MLflow: {tracker.where_to_look()}", soft_wrap=True)
+    return Exit.OK
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from pipeline.job import run as compress
-    from pipeline.tracking.rundir import RunDir
+    from pipeline.data.datasets import load_splits
+    from pipeline.data.teachers import prepare_teacher
+    from pipeline.tracking.tables import console
 
     cfg = config_from_args(args)
     out = Path(args.out or f"runs/teacher-{cfg.data.name}-{cfg.teacher.arch}").resolve()
     if (out / "weights.pt").exists():
         raise UsageError(f"{out} already holds a teacher; choose another --out")
-    splits = compress.load_splits(cfg)
+    splits = load_splits(cfg)
     cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": None})})
-    teacher = compress.prepare_teacher(
-        cfg, RunDir(out.parent), splits, _console(args.quiet), folder=out
-    )
+    teacher = prepare_teacher(cfg, splits, out, progress=not args.quiet)
     f = teacher.facts
-    Console(highlight=False).print(
+    console().print(
         f"teacher {f['arch']} on {cfg.data.name}: {f['params']:,} params, {f['flops']:,} FLOPs, "
-        f"val {f['val_accuracy']:.4f}, test {f['test_accuracy']:.4f} -> {out}"
+        f"val {f['val_accuracy']:.4f}, test {f['test_accuracy']:.4f} -> {out}",
+        soft_wrap=True,
     )
-    return 0
+    return Exit.OK
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from pipeline.baselines.run import run_baseline
+    from pipeline.tracking.tables import console, records_table, summary_table
+    from pipeline.tracking.tracker import tracker_for
 
-    from pipeline.baselines import run as baselines
-    from pipeline.job import run as compress
-    from pipeline.tracking.progress import summary_table
-
-    cfg = load_config(args.preset or DEFAULT_PRESET, [*args.overrides, *flag_overrides(args)])
+    cfg = load_config(args.preset or DEFAULT_PRESET, [*args.overrides, *overrides(args)])
     if cfg.output.run_dir is None:
         cfg = cfg.model_copy(update={"name": f"{cfg.name}-{args.method}"})
     cfg = cfg.resolve_paths()
-    args.run_dir_resolved = cfg.output.run_dir
-    check_run(cfg, resume=False)
-    _quiet_ray(args.verbose)
-    splits = compress.load_splits(cfg)
-    preflight.check_teacher(cfg, splits)
-    tracker = make_tracker(cfg, register=cfg.baseline.register_best)
+    splits = _open(args, cfg)
+    tracker = tracker_for(cfg, register=cfg.baseline.register_best)
     with tracker or contextlib.nullcontext():  # closes the MLflow run FINISHED/FAILED/KILLED
-        summary = baselines.run_baseline(
+        summary = run_baseline(
             cfg, args.method, console=_console(args.quiet), tracker=tracker, splits=splits
         )
-    out = Console(highlight=False)
-    if args.method == "random":
-        out.print(summary_table(summary))
-    else:
-        out.print(baselines.records_table(summary))
-    out.print(f"run directory: {cfg.output.run_dir}")
-    return 0
+    out = console()
+    out.print(summary_table(summary) if args.method == "random" else records_table(summary))
+    out.print(f"run directory: {cfg.output.run_dir}", soft_wrap=True)
+    return Exit.OK
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from pipeline.job import run as compress
     from pipeline.job import sweeps
+    from pipeline.tracking.tables import console, sweep_table
+    from pipeline.tracking.tracker import tracker_for
 
     cfg = config_from_args(args)
     grid = dict(cfg.sweep.grid)
@@ -408,17 +212,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid[key.strip()] = [v.strip() for v in values.split(",")]
     cfg = validate_config({**cfg.model_dump(), "sweep": {**cfg.sweep.model_dump(), "grid": grid}})
     variants = sweeps.sweep_variants(cfg)  # validates every combination before Ray starts
-    check_run(cfg, resume=False)
-    _quiet_ray(args.verbose)
-    splits = compress.load_splits(cfg)
-    preflight.check_teacher(cfg, splits)
-    tracker = make_tracker(cfg)
+    splits = _open(args, cfg)
+    tracker = tracker_for(cfg)
     with tracker or contextlib.nullcontext():  # closes the MLflow run FINISHED/FAILED/KILLED
         table = sweeps.sweep(
             cfg, variants, console=_console(args.quiet), tracker=tracker, splits=splits
         )
-    Console(highlight=False).print(sweeps.sweep_table(table))
-    return 0
+    console().print(sweep_table(table))
+    return Exit.OK
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -455,10 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sigterm = StopOnSigterm()
     sigterm.install()
     try:
-        return COMMANDS[args.command](args)
+        return int(COMMANDS[args.command](args))
     except (ConfigError, UsageError) as err:
         print(f"n2n {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     except KeyboardInterrupt:
         where = ""
         run_dir = getattr(args, "resume", None) or _last_run_dir(args)
@@ -466,16 +267,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f"; continue with: n2n run --resume {run_dir}"
         what = "terminated (SIGTERM)" if sigterm.received else "interrupted"
         print(f"n2n {args.command}: {what}{where}", file=sys.stderr)
-        return EXIT_TERMINATED if sigterm.received else EXIT_INTERRUPTED
+        return Exit.TERMINATED if sigterm.received else Exit.INTERRUPTED
     except ValueError as err:  # bad input found by a library check (dataset, teacher, MLflow ...)
         print(f"n2n {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     except Exception as err:
         logger.debug("n2n failed", exc_info=True)
         print(
             f"n2n {args.command}: failed: {type(err).__name__}: {_one_line(err)}", file=sys.stderr
         )
-        return EXIT_FAILED
+        return Exit.FAILED
 
 
 def _one_line(err: BaseException) -> str:

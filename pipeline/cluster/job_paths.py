@@ -19,17 +19,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-logger = logging.getLogger(__name__)
+from pipeline.tracking.store import resolve_tracking_uri, sqlite_artifact_root, sqlite_path
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-"""MLflow 3's default store: a SQLite file in the working directory, no server needed."""
+logger = logging.getLogger(__name__)
 
 JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor in a job's entrypoint process (measured with Ray 2.60; the
@@ -51,23 +49,6 @@ def in_ray_working_dir_copy(path: str | Path) -> bool:
     parts = Path(path).parts
     first, second = RAY_WORKING_DIR_COPIES
     return any(a == first and b == second for a, b in zip(parts, parts[1:], strict=False))
-
-
-def sqlite_path(uri: str) -> str | None:
-    """The file path of a ``sqlite:///`` URI (relative or absolute), or None for other URIs."""
-    parts = urlsplit(uri)
-    if parts.scheme != "sqlite":
-        return None
-    path = unquote(uri.split("://", 1)[1]).removeprefix("/")  # sqlite:///a -> a, ////a -> /a
-    return path.split("?", 1)[0] or None
-
-
-def absolute_sqlite_uri(uri: str, base: str | Path) -> str:
-    """``uri`` with a relative SQLite path made absolute against ``base``; other URIs as they are."""
-    path = sqlite_path(uri)
-    if path is None or path == ":memory:" or Path(path).is_absolute():
-        return uri
-    return f"sqlite:///{(Path(base) / path).resolve()}"
 
 
 def cluster_paths_problem(
@@ -124,16 +105,6 @@ def cluster_paths_problem(
     return _place_sqlite_experiment(path, cfg.tracking.experiment, cwd, temp)
 
 
-def resolve_tracking_uri(uri: str | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """``uri`` (``--tracking-uri``), else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
-
-    Here rather than in ``pipeline.tracking.tracker`` so that checks made before MLflow is imported
-    resolve the store the run will use.
-    """
-    environ = os.environ if environ is None else environ
-    return uri or environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
 def _doomed(path: Path, cwd: Path, temp: bool) -> bool:
     """Whether ``path`` dies with the job: relative to it, or inside Ray's working-dir copy."""
     if not path.is_absolute():
@@ -141,12 +112,6 @@ def _doomed(path: Path, cwd: Path, temp: bool) -> bool:
     if in_ray_working_dir_copy(path):
         return True
     return temp and path.resolve().is_relative_to(cwd.resolve())
-
-
-def sqlite_artifact_root(db_path: str | Path, experiment: str) -> str:
-    """Where a new experiment of a SQLite store keeps its artifacts: ``mlruns/`` beside it."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", experiment).strip("-") or "experiment"
-    return (Path(db_path).resolve().parent / "mlruns" / slug).as_uri()
 
 
 def _place_sqlite_experiment(db: str, experiment: str, cwd: Path, temp: bool) -> str | None:

@@ -8,6 +8,7 @@ sentence naming the bad value and the fix.
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import socket
 import tempfile
@@ -16,12 +17,46 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.cluster.job_paths import cluster_paths_problem
+from pipeline.config.schema import RunConfig
+
 ADDRESS_WAIT_S = 10.0
 """How long an unreachable ``ray.address`` is retried (a head that is still starting)."""
 
 
 class PreflightError(ValueError):
     """Bad input found before any expensive work; exit code 2."""
+
+
+def check_run(cfg: RunConfig, resume: bool) -> None:
+    """Everything about a run that can fail before the data is loaded and Ray starts."""
+    run_dir = Path(cfg.output.run_dir or "")
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise PreflightError(
+            f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
+            "or choose another --run-dir"
+        )
+    check_writable(run_dir, "run directory", "--run-dir")
+    storage = cfg.output.storage_path or ""
+    if storage and "://" not in storage:
+        check_writable(storage, "Tune storage", "--storage-path")
+    if cfg.teacher.checkpoint is not None:
+        folder = Path(cfg.teacher.checkpoint)
+        if not ((folder / "spec.json").is_file() and (folder / "weights.pt").is_file()):
+            raise PreflightError(
+                f"teacher.checkpoint {folder} is not a checkpoint folder (spec.json + weights.pt); "
+                "train one with n2n teacher"
+            )
+    module, _, attr = cfg.search.evaluator.partition(":")
+    try:
+        getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise PreflightError(
+            f"search.evaluator {cfg.search.evaluator!r} cannot be imported; use 'package.module:Class'"
+        ) from None
+    check_address(cfg.ray.address)
+    if problem := cluster_paths_problem(cfg):  # inside a Ray job: results must outlive it
+        raise PreflightError(problem)
 
 
 def check_address(address: str | None, wait_s: float = ADDRESS_WAIT_S) -> None:

@@ -13,7 +13,7 @@ it, its logs are streamed to stdout, and the exit code is the job's outcome:
   order) is sent when there is one, whatever ``RAY_AUTH_MODE`` says.
 - ``--k8s``: a KubeRay RayJob and a ConfigMap with the validated config (``pipeline.cluster.kuberay``).
 
-Exit codes (:data:`EXIT_CODES`): 0 the job SUCCEEDED (or ``--no-wait``/``--dry-run``/``--delete``
+Exit codes (``pipeline.config.exits``): 0 the job SUCCEEDED (or ``--no-wait``/``--dry-run``/``--delete``
 did their part); 1 the job FAILED; 2 nothing was started (bad input, no token, cluster not
 reachable); 3 the job was STOPPED or deleted by someone else; 4 the deadline passed (``--deadline``
 here, the RayJob's ``activeDeadlineSeconds`` on Kubernetes) and the job was stopped; 130 Ctrl+C
@@ -26,8 +26,6 @@ import argparse
 import asyncio
 import logging
 import os
-import re
-import secrets
 import shlex
 import sys
 import time
@@ -35,22 +33,17 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster.job_paths import absolute_sqlite_uri
-from pipeline.config.schema import presets
+from pipeline.cluster import kuberay, preflight
+from pipeline.cluster.entrypoint import SubmitError, job_name, note, run_command, tracking_flags
+from pipeline.config.exits import Exit
+from pipeline.config.flags import config_from_args, forwarded
+from pipeline.config.presets import presets
+from pipeline.config.schema import RunConfig
 from pipeline.tracking.redaction import scrub, scrub_url
+from pipeline.tracking.store import absolute_sqlite_uri
 
 logger = logging.getLogger(__name__)
 
-EXIT_SUCCEEDED, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_DEADLINE = 0, 1, 2, 3, 4
-EXIT_INTERRUPTED = 130
-EXIT_CODES = {
-    EXIT_SUCCEEDED: "the job SUCCEEDED",
-    EXIT_FAILED: "the job FAILED",
-    EXIT_USAGE: "nothing was started: bad input, no token, or the cluster is not reachable",
-    EXIT_STOPPED: "the job was STOPPED (or its RayJob deleted) by someone else",
-    EXIT_DEADLINE: "the deadline passed and the job was stopped",
-    EXIT_INTERRUPTED: "Ctrl+C: stopped following; the job keeps running",
-}
 WORKING_DIR_EXCLUDES = [
     "/.*",  # .git, .venv, caches and other hidden folders at the top
     ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info",
@@ -58,28 +51,11 @@ WORKING_DIR_EXCLUDES = [
     "/build", "/dist",
 ]  # fmt: skip
 """Left out of the uploaded working_dir (gitignore syntax, as Ray's ``excludes``)."""
-JOB_VALUE_FLAGS = {
-    "seed": "--seed", "algo": "--algo", "policy": "--policy", "iterations": "--iterations",
-    "episodes": "--episodes", "env_runners": "--env-runners",
-}  # fmt: skip
-JOB_SWITCHES = {"skip_removal": "--skip-removal", "skip_shrinkage": "--skip-shrinkage"}
-
-
-class SubmitError(ValueError):
-    """Bad input found before anything was submitted; exit code 2."""
-
-
-def note(text: str) -> None:
-    """One status line of ``n2n submit`` on stderr (the job's own logs go to stdout)."""
-    print(f"n2n submit: {text}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- parser
 
 
 def add_target_flags(p: argparse.ArgumentParser) -> None:
     """The options of ``n2n submit`` beyond those of ``n2n run``."""
-    p.epilog = "exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items())
     target = p.add_argument_group("target")
     target.add_argument(
         "--address",
@@ -139,14 +115,12 @@ def add_target_flags(p: argparse.ArgumentParser) -> None:
 
 
 def submit(args: argparse.Namespace) -> int:
-    """Runs ``n2n submit``; returns the exit code (see :data:`EXIT_CODES`)."""
+    """Runs ``n2n submit``; returns the exit code (``pipeline.config.exits``)."""
     if args.deadline is not None and args.deadline < 1:
         raise SubmitError(f"--deadline {args.deadline} must be at least 1 second")
     if args.poll <= 0:
         raise SubmitError(f"--poll {args.poll:g} must be above 0 seconds")
     if args.k8s:
-        from pipeline.cluster import kuberay
-
         return kuberay.delete(args) if args.delete else kuberay.submit(args)
     if args.delete or args.dry_run:
         flag = "--delete" if args.delete else "--dry-run"
@@ -156,7 +130,7 @@ def submit(args: argparse.Namespace) -> int:
 
 def job_command(
     args: argparse.Namespace,
-    cfg: Any,
+    cfg: RunConfig,
     *,
     preset: str | None,
     extra_overrides: Sequence[str] = (),
@@ -166,37 +140,15 @@ def job_command(
     The user's own flags are passed on as given (they were validated here), then the run
     directory, tracking URI and ``--address auto`` as ``cfg`` holds them, absolute.
     """
-    argv = ["python", "-m", "pipeline", *(["-v"] if args.verbose else []), "run"]
-    if args.resume:
-        argv += ["--resume", cfg.output.run_dir]
-    else:
-        if preset:
-            argv += ["--preset", preset]
-        for override in [*args.overrides, *extra_overrides]:
-            argv += ["--set", override]
-        for attr, flag in JOB_VALUE_FLAGS.items():
-            if getattr(args, attr, None) is not None:
-                argv += [flag, str(getattr(args, attr))]
-        for attr, flag in JOB_SWITCHES.items():
-            if getattr(args, attr, False):
-                argv.append(flag)
-        argv += ["--run-dir", cfg.output.run_dir]
-        if args.storage_path:
-            argv += ["--storage-path", cfg.output.storage_path]
-    if cfg.tracking.enabled:
-        argv += ["--tracking-uri", cfg.tracking.uri]
-    else:
-        argv.append("--no-tracking")
-    if args.quiet:
-        argv.append("--quiet")
-    return [*argv, "--address", "auto"]
-
-
-def job_name(cfg: Any, now: float | None = None) -> str:
-    """A readable, unique job name: ``n2n-<config name>-<MMDD-HHMMSS>-<4 hex>``."""
-    slug = re.sub(r"[^a-z0-9]+", "-", cfg.name.lower()).strip("-")[:20].strip("-") or "run"
-    stamp = time.strftime("%m%d-%H%M%S", time.localtime(now))
-    return f"n2n-{slug}-{stamp}-{secrets.token_hex(2)}"
+    flags = [arg for o in [*args.overrides, *extra_overrides] for arg in ("--set", o)]
+    flags += forwarded(args)
+    if args.storage_path:
+        flags += ["--storage-path", cfg.output.storage_path]
+    return run_command(
+        cfg.output.run_dir, resume=bool(args.resume), preset=preset, flags=flags,
+        tracking=tracking_flags(cfg.tracking.enabled, cfg.tracking.uri),
+        verbose=args.verbose, quiet=args.quiet,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- Ray's job server
@@ -273,15 +225,13 @@ def local_inputs(cfg: Any, base: Path) -> list[str]:
 
 def prepare_ray_job(args: argparse.Namespace) -> tuple[Any, list[str], Path]:
     """Validates the run here; returns its config, the job's argv and the working dir."""
-    from pipeline.cli.main import check_run, config_from_args
-
     working_dir = project_dir(args.working_dir)
     preset = None if args.resume else job_preset(args.preset, working_dir)
     # --address is the job server here; the job joins its own cluster (--address auto).
     cfg = config_from_args(argparse.Namespace(**{**vars(args), "address": None}))
     uri = absolute_sqlite_uri(cfg.tracking.uri, Path.cwd())
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
-    check_run(cfg, resume=bool(args.resume))
+    preflight.check_run(cfg, resume=bool(args.resume))
     extra = [] if args.resume else local_inputs(cfg, Path.cwd())
     return cfg, job_command(args, cfg, preset=preset, extra_overrides=extra), working_dir
 
@@ -339,7 +289,7 @@ def submit_ray(args: argparse.Namespace) -> int:
     )
     if args.no_wait:
         note(hint)
-        return EXIT_SUCCEEDED
+        return Exit.OK
     return follow_ray_job(client, job_id, args.deadline, hint)
 
 
@@ -358,19 +308,19 @@ def follow_ray_job(client: Any, job_id: str, deadline_s: float | None, hint: str
         client.stop_job(job_id)
         status = wait_until(lambda: client.get_job_status(job_id), JobStatus.is_terminal, 60)
         note(f"job {job_id} passed --deadline {deadline_s} s and was stopped ({status})")
-        return EXIT_DEADLINE
+        return Exit.DEADLINE
     except KeyboardInterrupt:
         note(f"stopped following; job {job_id} keeps running ({hint})")
-        return EXIT_INTERRUPTED
+        return Exit.INTERRUPTED
     except RuntimeError as err:  # the log stream broke; the status still tells the outcome
         note(f"lost the log stream ({err}); waiting for the job's status")
     info = wait_until(lambda: client.get_job_info(job_id), lambda i: i.status.is_terminal(), None)
     if info.status == JobStatus.SUCCEEDED:
         note(f"job {job_id} SUCCEEDED")
-        return EXIT_SUCCEEDED
+        return Exit.OK
     message = (info.message or "").strip().splitlines()
     note(f"job {job_id} {info.status.value}" + (f": {message[0]}" if message else ""))
-    return EXIT_STOPPED if info.status == JobStatus.STOPPED else EXIT_FAILED
+    return Exit.STOPPED if info.status == JobStatus.STOPPED else Exit.FAILED
 
 
 def wait_until(

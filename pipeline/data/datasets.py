@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config.schema import RunConfig
+
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -340,3 +342,8 @@ def _read_images(folder: Path, classes: list[str], size: int) -> tuple[np.ndarra
             f"image folder {folder} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))})"
         )
     return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    """The dataset, split into train / val (rewards) / test (final report only)."""
+    return load_dataset(**cfg.data.as_kwargs(cfg.seed))

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,9 @@ from envs.builders import build_model, fit_arch
 from envs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from envs.costs import model_costs
 from envs.spec import teacher_spec
-from pipeline.children.distill import evaluate_accuracy, resolve_device, seed_everything
+from pipeline.config.schema import RunConfig
 from pipeline.data.datasets import Splits
+from pipeline.torch_utils import evaluate_accuracy, model_device, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ AUGMENTATIONS = ("none", "shift", "shift+flip")
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherTraining:
     """How a teacher is trained (plain cross-entropy, one-cycle learning-rate schedule)."""
 
     epochs: int = 10
@@ -112,7 +114,7 @@ def teacher_base_spec(arch_spec: str | dict[str, Any], splits: Splits) -> dict[s
 def train_teacher(
     arch_spec: str | dict[str, Any],
     splits: Splits,
-    cfg: TeacherConfig | None = None,
+    cfg: TeacherTraining | None = None,
     out_dir: str | Path | None = None,
     progress: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -130,7 +132,7 @@ def train_teacher(
         ``test_accuracy``, ``params``, ``flops``, ``size_bytes``, ``steps``, ``wall_time_s``,
         ``dataset`` and ``config``.
     """
-    cfg = cfg or TeacherConfig()
+    cfg = cfg or TeacherTraining()
     base = teacher_base_spec(arch_spec, splits)
     seed_everything(cfg.seed)
     model = build_model(base)
@@ -160,30 +162,14 @@ def train_teacher(
     generator = torch.Generator().manual_seed(cfg.seed)
 
     start = time.perf_counter()
+    epochs = math.ceil(total / per_epoch)
     step = 0
-    model.train()
-    with _progress_bar(progress, total, f"teacher {base['arch']} on {splits.name}") as advance:
-        while step < total:
-            order = torch.randperm(len(y), generator=generator)
-            for b in range(per_epoch):
-                idx = order[b * batch : (b + 1) * batch]
-                xb = _augment(x[idx], cfg.augment, generator).to(device)
-                loss = F.cross_entropy(
-                    model(xb), y[idx].to(device), label_smoothing=cfg.label_smoothing
-                )
-                if not math.isfinite(loss.item()):
-                    raise ValueError(
-                        f"teacher loss became {loss.item()} at step {step}; lower the learning rate (lr={cfg.lr})"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                step += 1
-                advance()
-                if step >= total:
-                    break
-            logger.info("teacher step %d/%d loss %.4f", step, total, loss.item())
+    with Progress(progress, total, f"teacher {base['arch']} on {splits.name}") as shown:
+        for epoch in range(1, epochs + 1):
+            steps = min(per_epoch, total - step)
+            loss = train_one_epoch(model, x, y, optimizer, schedule, cfg, generator, steps, shown)
+            step += steps
+            shown.epoch(epoch, epochs, loss, time.perf_counter() - start)
     wall = time.perf_counter() - start
 
     model.eval()
@@ -207,6 +193,42 @@ def train_teacher(
     if out_dir is not None:
         save_checkpoint(out_dir, model, teacher_spec(base), metrics)
     return model, metrics
+
+
+def train_one_epoch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TeacherTraining,
+    generator: torch.Generator,
+    steps: int,
+    progress: Progress,
+) -> float:
+    """``steps`` optimiser steps over a fresh random order of the training data; returns the
+    mean loss of the epoch."""
+    device = model_device(model)
+    model.train()
+    batch = min(cfg.batch_size, len(y))
+    order = torch.randperm(len(y), generator=generator)
+    total = 0.0
+    for b in range(steps):
+        idx = order[b * batch : (b + 1) * batch]
+        xb = _augment(x[idx], cfg.augment, generator).to(device)
+        loss = F.cross_entropy(model(xb), y[idx].to(device), label_smoothing=cfg.label_smoothing)
+        if not math.isfinite(loss.item()):
+            raise ValueError(
+                f"teacher loss became {loss.item()} at step {b + 1} of an epoch; lower the "
+                f"learning rate (lr={cfg.lr})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        total += loss.item()
+        progress.step()
+    return total / max(steps, 1)
 
 
 def load_teacher(path: str | Path, splits: Splits) -> Checkpoint:
@@ -240,23 +262,76 @@ def _augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Te
     return x
 
 
-class _progress_bar:
-    """A rich progress bar when asked for, else a no-op; yields an ``advance()`` callable."""
+class Progress:
+    """How teacher training shows its progress.
 
-    def __init__(self, enabled: bool, total: int, description: str) -> None:
+    On a terminal a rich progress bar; anywhere else (a file, a ``ray job`` or pod log, where
+    a bar draws nothing until it ends) one plain line per epoch on stdout. Disabled, it only
+    logs each epoch.
+    """
+
+    def __init__(self, enabled: bool, total: int, description: str, stream: Any = None) -> None:
         self.enabled, self.total, self.description = enabled, total, description
-        self._progress = None
+        self.stream = stream if stream is not None else sys.stdout
+        self._bar: Any = None
+        self._task: Any = None
 
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress
+    def __enter__(self) -> Progress:
+        if self.enabled and getattr(self.stream, "isatty", lambda: False)():
+            from rich.progress import Progress as Bar
 
-        self._progress = Progress(transient=True)
-        self._progress.start()
-        task = self._progress.add_task(self.description, total=self.total)
-        return lambda: self._progress.advance(task)
+            self._bar = Bar(transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.description, total=self.total)
+        return self
+
+    def step(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def epoch(self, epoch: int, epochs: int, loss: float, elapsed: float) -> None:
+        line = f"{self.description}: epoch {epoch}/{epochs}, loss {loss:.4f}, {elapsed:.0f} s"
+        logger.info(line)
+        if self.enabled and self._bar is None:
+            print(line, file=self.stream, flush=True)
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        if self._bar is not None:
+            self._bar.stop()
+
+
+@dataclass
+class Teacher:
+    """The network being compressed and what it costs."""
+
+    path: Path
+    model: nn.Module
+    spec: dict[str, Any]
+    facts: dict[str, Any]
+    """``params``, ``flops``, ``size_bytes``, ``val_accuracy``, ``test_accuracy``, ``arch``."""
+
+
+def prepare_teacher(
+    cfg: RunConfig, splits: Splits, folder: Path, progress: bool = False
+) -> Teacher:
+    """Loads ``teacher.checkpoint``, or the teacher already in ``folder``, or trains one there.
+
+    ``folder`` is where a teacher trained here is saved: ``RUN_DIR/teacher`` in a run, or
+    ``n2n teacher --out``. ``progress`` shows a progress bar while it trains.
+    """
+    path = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else folder
+    if cfg.teacher.checkpoint is None and not (path / "weights.pt").is_file():
+        t = cfg.teacher
+        settings = TeacherTraining(
+            epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr,
+            weight_decay=t.weight_decay, augment=t.augment, seed=cfg.seed, device=t.device,
+        )  # fmt: skip
+        train_teacher(t.arch_spec(), splits, settings, out_dir=path, progress=progress)
+    checkpoint = load_teacher(path, splits)
+    model = checkpoint.model.eval()
+    facts = dict(model_costs(model, splits.input_shape).as_dict())
+    metrics = checkpoint.metrics
+    for key, part in (("val_accuracy", splits.val), ("test_accuracy", splits.test)):
+        facts[key] = float(metrics[key]) if key in metrics else evaluate_accuracy(model, *part)
+    facts["arch"] = checkpoint.spec["base"]["arch"]
+    return Teacher(path=path.resolve(), model=model, spec=checkpoint.spec, facts=facts)

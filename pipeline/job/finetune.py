@@ -12,103 +12,31 @@ import logging
 import shutil
 from typing import Any
 
-import numpy as np
 import ray
-import torch
 from torch import nn
 
 from envs.checkpoint import save_checkpoint
 from envs.costs import model_costs
 from envs.rewards import ChildScore, make_reward
+from pipeline.children.payload import make_payload
+from pipeline.children.students import finetune_settings, train_student_task
+from pipeline.job.context import Job
 from pipeline.tracking.rundir import ok
 
 logger = logging.getLogger(__name__)
 
 
-@ray.remote
-def train_student_task(
-    payload: dict[str, Any],
-    model: nn.Module,
-    cfg: Any,
-    test: tuple[np.ndarray, np.ndarray] | None,
-    threads: int,
-    bn_l1: float = 0.0,
-) -> dict[str, Any]:
-    """Distils one student (``cfg``'s budget); returns its weights and accuracies.
-
-    Args:
-        payload: training/validation data and teacher logits from the object store.
-        model: the student, holding the weights it starts from.
-        cfg: a ``pipeline.children.distill.DistillConfig``.
-        test: test images and labels, measured once after training; None skips the test.
-        threads: PyTorch threads (the task's CPUs).
-        bn_l1: Network Slimming's sparsity term: every BatchNorm scale's gradient gets
-            ``bn_l1 * sign(gamma)`` added, the subgradient of ``bn_l1 * sum |gamma|``.
-    """
-    from pipeline.children.distill import distill_payload, evaluate_accuracy
-
-    torch.set_num_threads(threads)
-    if bn_l1 > 0:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-                weight = module.weight
-                weight.register_hook(lambda grad, w=weight: grad + bn_l1 * torch.sign(w.detach()))
-    result = distill_payload(model, payload, cfg)
-    test_acc = None
-    if test is not None:
-        x, y = torch.as_tensor(test[0]), torch.as_tensor(test[1])
-        test_acc = evaluate_accuracy(model.cpu(), x, y)
-    return {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "val_accuracy": result.accuracy,
-        "test_accuracy": test_acc,
-        "kd_steps": result.steps,
-        "wall_time_s": result.wall_time_s,
-    }
-
-
-def _payload(job: Any) -> Any:
+def _payload(job: Job) -> ray.ObjectRef:
     """Training data and teacher logits in the object store (the evaluator's, when it has them)."""
     existing = getattr(job.evaluator_instance, "payload", None)
     if not isinstance(existing, ray.ObjectRef):
-        return training_payload(job.splits, job.teacher.model)
+        return ray.put(make_payload(job.splits, job.teacher.model))
     if getattr(job.evaluator_instance, "val_subset", None) is None:
         return existing
     # The search scored children on a validation subset; students are scored on all of it.
     data = ray.get(existing)
     val_x, val_y = job.splits.val
     return ray.put({**data, "val_x": val_x.numpy(), "val_y": val_y.numpy()})
-
-
-def training_payload(splits: Any, teacher: nn.Module) -> ray.ObjectRef:
-    """Puts the training and validation data and the teacher's logits in the object store."""
-    from pipeline.children.distill import teacher_logits
-
-    x, y = splits.train
-    return ray.put({
-        "train_x": x.numpy(), "train_y": y.numpy(),
-        "val_x": splits.val[0].numpy(), "val_y": splits.val[1].numpy(),
-        "teacher_logits": teacher_logits(teacher, x).numpy(),
-    })  # fmt: skip
-
-
-def finetune_settings(cfg: Any, steps: int | None = None) -> Any:
-    """The distillation settings of the final training: ``distill`` with ``finetune``'s budget.
-
-    Every method (search students and classic baselines alike) is trained with these, so
-    they compare at equal cost; ``steps`` overrides the budget (e.g. a pruning round's).
-    """
-    from pipeline.children.distill import DistillConfig
-
-    return DistillConfig.from_dict(
-        cfg.distill.as_kwargs(
-            cfg.seed,
-            steps=steps or cfg.finetune.steps,
-            lr=cfg.finetune.lr,
-            schedule=cfg.finetune.schedule,
-            measure_initial=False,
-        )
-    )
 
 
 def top_candidates(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
@@ -125,12 +53,12 @@ def top_candidates(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 
 def finetune(
-    job: Any, candidates: list[dict[str, Any]], built: list[tuple[nn.Module, dict[str, Any]]]
+    job: Job, candidates: list[dict[str, Any]], built: list[tuple[nn.Module, dict[str, Any]]]
 ) -> list[dict[str, Any]]:
     """Fine-tunes students, saves them to ``students/<rank>/`` and the final one to ``best/``.
 
     Args:
-        job: the run (``pipeline.job.run.Job``): config, data, teacher, evaluator, run dir.
+        job: the run: config, data, teacher, evaluator, run directory.
         candidates: child records in rank order (see :func:`top_candidates`).
         built: each candidate's network (teacher weights, by surgery) and student spec.
 

@@ -17,19 +17,15 @@ from typing import Any
 import ray
 import yaml
 from rich.console import Console
-from rich.table import Table
 
-from pipeline.config.schema import ConfigError, RunConfig, validate_config
-from pipeline.job.run import (
-    Job,
-    _open_job,
-    _release,
-    best_row,
-    check_resources,
-    env_config,
-    init_ray,
-)
-from pipeline.search.trial import ENV_CLASSES, STAGES, run_stage, stage_settings
+from pipeline.cluster.runtime import check_resources, init_ray
+from pipeline.config.presets import validate_config
+from pipeline.config.schema import ConfigError, RunConfig
+from pipeline.job.context import Job
+from pipeline.job.run import open_job, release
+from pipeline.job.stages import best_row, env_config
+from pipeline.search.records import ENV_CLASSES, STAGES
+from pipeline.search.trial import run_stage, stage_settings
 from pipeline.tracking.progress import StageMonitor
 from pipeline.tracking.rundir import RunDir
 
@@ -93,7 +89,7 @@ def sweep(
         check_resources(cfg)
         run_dir.write_config(cfg.to_yaml())
         planned = sum(v.stage(stage).iterations for _, v in variants)
-        job = _open_job(cfg, run_dir, console, tracker, splits, planned)
+        job = open_job(cfg, run_dir, console, tracker, splits, planned)
         probe = ENV_CLASSES[stage](env_config(job, stage, None))
         units = len(probe.units)
         variant_settings = []
@@ -150,21 +146,6 @@ def sweep(
         run_dir.write_table("sweep.csv", table)
         return table
     finally:
-        _release(job)
+        release(job)
         if owns_ray:
             ray.shutdown()
-
-
-def sweep_table(rows: list[dict[str, Any]]) -> Table:
-    """The sweep's trials as a rich table, best mean reward first."""
-    table = Table(title="n2n sweep")
-    for column in ("setting", "children", "R mean", "R best", "best C", "best acc"):
-        table.add_column(column, justify="left" if column == "setting" else "right")
-    for row in sorted(
-        rows, key=lambda r: -r["reward_mean"] if r["reward_mean"] == r["reward_mean"] else 0
-    ):
-        table.add_row(
-            row["label"], str(row["episodes"]), f"{row['reward_mean']:.3f}",
-            f"{row['best_reward']:.3f}", f"{row['best_compression']:.3f}", f"{row['best_accuracy']:.3f}",
-        )  # fmt: skip
-    return table

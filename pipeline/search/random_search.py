@@ -9,16 +9,15 @@ evaluations in flight match the RL search's.
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from ray import tune
+
+from pipeline.search import trial_state
+from pipeline.search.records import make_env
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +46,7 @@ def random_search(settings: dict[str, Any], env_config: dict[str, Any]) -> None:
     Iteration ``i`` draws its actions from a generator seeded with ``(seed, i)``, so a
     restored trial continues with the actions it would have taken.
     """
-    from pipeline.search.trial import STATE_FILE, make_env
-
-    start, best = 0, float("-inf")
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = json.loads((Path(folder) / STATE_FILE).read_text())
-        start, best = state["iteration"], state["best_reward"]
+    start, best = trial_state.restore()
     per_iteration = settings["episodes_per_iteration"]
     workers = max(1, min(settings["env_runners"], per_iteration))
     envs = [make_env(settings["stage"], env_config) for _ in range(workers)]
@@ -74,10 +66,7 @@ def random_search(settings: dict[str, Any], env_config: dict[str, Any]) -> None:
                     "reward_min": float(np.min(returns)),
                     "best_reward": best,
                 }
-                with tempfile.TemporaryDirectory() as folder:
-                    state = {"iteration": iteration, "best_reward": best}
-                    (Path(folder) / STATE_FILE).write_text(json.dumps(state))
-                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+                trial_state.report(metrics, iteration, best)
     finally:
         for env in envs:
             env.close()

@@ -5,7 +5,7 @@ stage trial reports, it drains the children the env runners recorded, numbers th
 them to ``children.csv`` and the iteration to ``iterations.csv``, sends both to MLflow and
 prints one line: episodes sampled vs expected, reward mean/max/min (the metrics the SageMaker
 N2N example scraped from its logs), best compression and accuracy so far, children evaluated,
-cache hits, elapsed and estimated remaining time. :func:`summary_table` is the final table.
+cache hits, elapsed and estimated remaining time.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import ray
 from ray import tune
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from pipeline.tracking.rundir import RunDir, ok
 
@@ -250,36 +249,3 @@ def tracked_metrics(row: Mapping[str, Any]) -> dict[str, Any]:
         "episodes_expected": "episodes/expected",
     }  # fmt: skip
     return {name: row[key] for key, name in keys.items() if row.get(key) is not None}
-
-
-def summary_table(summary: Mapping[str, Any]) -> Table:
-    """Teacher vs final student(s): params, FLOPs, size, accuracy, compression."""
-    table = Table(title=f"n2n: {summary.get('name', 'run')}", show_lines=False)
-    for column in ("model", "params", "FLOPs", "KB", "val acc", "test acc", "smaller"):
-        table.add_column(column, justify="right" if column != "model" else "left")
-    teacher = summary["teacher"]
-
-    def add(name: str, facts: Mapping[str, Any], compression: str) -> None:
-        table.add_row(
-            name,
-            f"{facts.get('params', 0):,}",
-            f"{facts.get('flops', 0):,}",
-            f"{facts.get('size_bytes', 0) / 1024:,.1f}",
-            _pct(facts.get("val_accuracy")),
-            _pct(facts.get("test_accuracy")),
-            compression,
-        )
-
-    add("teacher", teacher, "1.0x")
-    for student in summary.get("students", []):
-        ratio = teacher["params"] / max(student["params"], 1)
-        add(
-            f"#{student['rank']}" + (" best" if student.get("best") else ""),
-            student,
-            f"{ratio:.1f}x",
-        )
-    return table
-
-
-def _pct(value: Any) -> str:
-    return f"{100 * value:.2f}%" if isinstance(value, int | float) and math.isfinite(value) else "-"
