@@ -23,14 +23,18 @@ sequential shrinkage, whose ``keep_ratio`` / ``cursor`` columns show the choices
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
+import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from torch import nn
 
 from envs.builders import build_model
@@ -82,6 +86,18 @@ def reward_at(
     return float(reward_fn(dataclasses.replace(template, **changes)))
 
 
+@contextlib.contextmanager
+def caller_random_state() -> Iterator[None]:
+    """Restores Python's, NumPy's and PyTorch's (CPU) global random state on exit."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
 class _ChildEnv(gym.Env):
     """What both stages share: the teacher, the evaluator, the reward and child scoring."""
 
@@ -116,7 +132,20 @@ class _ChildEnv(gym.Env):
     def _score(
         self, build: Any, action: list[int], extra: dict[str, Any]
     ) -> tuple[float, dict[str, Any]]:
-        """Builds a child with ``build()``, evaluates it and returns (reward, info)."""
+        """Builds a child with ``build()``, evaluates it and returns (reward, info).
+
+        The caller's random state is left as it was (:func:`caller_random_state`): building a
+        child initialises layers before the teacher's weights are copied in, a model built
+        once is cached afterwards, and a local evaluator seeds its training, so otherwise
+        the draws of the policy sampling the next action would depend on what this process
+        happened to build before.
+        """
+        with caller_random_state():
+            return self._build_and_score(build, action, extra)
+
+    def _build_and_score(
+        self, build: Any, action: list[int], extra: dict[str, Any]
+    ) -> tuple[float, dict[str, Any]]:
         info: dict[str, Any] = {"stage": self.stage, "action": action, **extra}
         try:
             model, spec = build()

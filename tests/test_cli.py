@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import subprocess
 import sys
 import time
@@ -11,6 +13,8 @@ import pytest
 
 from envs.checkpoint import load_checkpoint
 from pipeline.cli.main import build_parser, main
+from pipeline.config.exits import MEANINGS
+from pipeline.config.flags import FLAGS, forwarded
 from pipeline.config.flags import overrides as flag_overrides
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,3 +189,148 @@ def test_resuming_a_finished_run_prints_its_summary_without_ray(capsys, tmp_path
     assert ray.is_initialized() == ray_before
     out = capsys.readouterr().out
     assert "10.0x" in out and f"run directory: {run.path}" in out
+
+
+# --------------------------------------------------------------------------- one flag table
+
+
+def _options(parser: argparse.ArgumentParser, skip_groups: tuple[str, ...] = ()) -> set[str]:
+    """The long options of a (sub)parser, but for --help and the groups named."""
+    skipped = {
+        id(a) for g in parser._action_groups if g.title in skip_groups for a in g._group_actions
+    }
+    return {
+        max(action.option_strings, key=len)
+        for action in parser._actions
+        if action.option_strings and id(action) not in skipped and action.dest != "help"
+    }
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_run_flag_is_in_the_one_flag_table() -> None:
+    """``n2n run`` and ``n2n submit`` (but for its target's own options) take exactly the
+    table's flags: a flag added to a parser by hand and not to the table fails here."""
+    table = {flag.name for flag in FLAGS}
+    subs = _subparsers()
+    run = _options(subs["run"])
+    assert run == {f.name for f in FLAGS if "run" in f.commands}
+    assert run <= table
+    submit = _options(subs["submit"], skip_groups=("target", "--k8s"))
+    assert submit == {f.name for f in FLAGS if "submit" in f.commands} - {"--address"}
+    for name in ("teacher", "baseline", "sweep"):
+        own = {"teacher": {"--out"}, "sweep": {"--grid"}}.get(name, set())
+        assert _options(subs[name]) - own == {f.name for f in FLAGS if name in f.commands}, name
+
+
+def test_every_flag_sets_keys_the_config_has() -> None:
+    """Each key in the table is a real config key (an override of it validates)."""
+    from pipeline.config.presets import load_config
+
+    samples = {int: "1", str: "auto"}
+    for flag in FLAGS:
+        for key in flag.keys:
+            if flag.type is None:
+                value = flag.value
+            elif flag.repeat:
+                value = "[1000]"
+            elif key in ("search.algo", "search.policy"):
+                value = flag.choices[0]
+            else:
+                value = samples[flag.type]
+            load_config("demo", [f"{key}={value}"])  # raises ConfigError naming an unknown key
+
+
+def test_submit_passes_the_forwarded_flags_on_as_given(tmp_path: Path) -> None:
+    from pipeline.cluster.submit import job_command
+    from pipeline.config.flags import config_from_args
+
+    argv = ["submit", "--address", "http://127.0.0.1:8265", "--algo", "random", "--seed", "3",
+            "--skip-shrinkage", "--iterations", "2", "--set", "distill.steps=5",
+            "--run-dir", str(tmp_path / "r"), "--no-tracking"]  # fmt: skip
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), "address": None}))
+    command = job_command(args, cfg, preset=None)
+    assert forwarded(args) == ["--seed", "3", "--algo", "random", "--iterations", "2",
+                               "--skip-shrinkage"]  # fmt: skip
+    assert command[:4] == ["python", "-m", "pipeline", "run"]
+    joined = " ".join(command)
+    for part in ("--set distill.steps=5", "--seed 3", "--algo random", "--iterations 2",
+                 "--skip-shrinkage", f"--run-dir {tmp_path / 'r'}", "--no-tracking"):  # fmt: skip
+        assert part in joined, (part, joined)
+    assert command[-2:] == ["--address", "auto"]
+
+
+def test_every_command_lists_its_exit_codes(capsys) -> None:
+    for name in ("run", "submit"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        for code, meaning in MEANINGS[name].items():
+            assert f"{int(code)} {' '.join(meaning.split())}" in out, (name, code)
+
+
+def test_the_final_table_is_whole_off_a_terminal(tmp_path: Path) -> None:
+    """Written to a file or a log, the summary table keeps every digit (no 80-column squeeze)."""
+    from pipeline.tracking.tables import console, summary_table
+
+    teacher = {"params": 11_173_962, "flops": 1_113_878_528, "size_bytes": 44_775_568,
+               "val_accuracy": 0.9512, "test_accuracy": 0.9499}  # fmt: skip
+    student = {**teacher, "params": 4_999_999, "flops": 499_999_999, "rank": 1, "best": True}
+    summary = {"name": "a-rather-long-run-name-for-a-cifar10-resnet18-search", "teacher": teacher,
+               "students": [student]}  # fmt: skip
+    path = tmp_path / "out.log"
+    with path.open("w") as fh:
+        console(fh).print(summary_table(summary))
+    text = path.read_text()
+    assert "499,999,999" in text and "1,113,878,528" in text and "…" not in text
+    assert max(len(line) for line in text.splitlines()) > 80  # not squeezed into 80 columns
+    assert len({len(line) for line in text.splitlines()[1:]}) == 1  # rows of one width
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_non_editable_install_runs_the_demo(tmp_path: Path) -> None:
+    """``pip install .`` (not editable) into a fresh venv: the ``n2n`` script, ``python -m
+    pipeline`` and the packaged presets work from anywhere. The venv borrows this one's
+    dependencies through a .pth file (installing torch and Ray again would take minutes and
+    gigabytes); n2n itself is the wheel's copy, the checkout is not on its path."""
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(site) / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", str(REPO)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr
+    work = tmp_path / "work"
+    work.mkdir()
+    where = subprocess.run(
+        [python, "-c", "import pipeline, pipeline.config.presets as p; print(pipeline.__file__); "
+         "print(sorted(p.presets()))"],
+        capture_output=True, text=True, cwd=work, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert where[0].startswith(site), where  # the installed copy, not the checkout
+    assert "demo" in where[1] and "fashion-mnist-resnet18" in where[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    run = subprocess.run(
+        [venv / "bin" / "n2n", "run", "--preset", "demo", "--set", "removal.iterations=1",
+         "--set", "shrinkage.iterations=1"],
+        capture_output=True, text=True, cwd=work, timeout=480, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "best" in run.stdout and "run directory:" in run.stdout
+    help_ = subprocess.run([python, "-m", "pipeline", "--help"], capture_output=True, text=True,
+                           cwd=work)  # fmt: skip
+    assert help_.returncode == 0 and "submit" in help_.stdout

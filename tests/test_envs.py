@@ -182,3 +182,25 @@ def test_removal_env_leaves_out_removals_that_would_grow_the_network():
     # The record rebuilds its child, as the run does for fine-tuning.
     _, spec = make_child(env.teacher, env.teacher_spec, remove=info["removed"])
     assert spec == info["spec"]
+
+
+@pytest.mark.parametrize("stage", ["removal", "shrinkage"])
+def test_a_step_leaves_the_callers_random_state_alone(stage):
+    """Building a child initialises new layers (and a first build fills caches), which would
+    draw from the global generators the policy samples its actions from: a replayed iteration
+    could then draw other actions than the first time. A step leaves them as it found them."""
+    import random
+
+    import torch
+
+    env = RemovalEnv(_config()) if stage == "removal" else ShrinkageEnv(_config())
+    env.reset(seed=0)
+    action = [1, 0, 1, 0, 1] if stage == "removal" else [0] * len(env.action_space.nvec)
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    _, reward, *_ = env.step(action)
+    assert reward > 0
+    after = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(after[0], expected[0]) and np.array_equal(after[1], expected[1])
+    assert after[2] == expected[2]

@@ -9,6 +9,7 @@ real KD children on digits and a real SQLite MLflow store, then resumes to the e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -203,6 +204,14 @@ def _flags(run_dir: Path, uri: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _trained(run_dir: Path) -> set[str]:
+    """The architectures a run trained: its reward cache's keys."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(run_dir / "cache.sqlite")) as db:
+        return {row[0].split("-")[0] for row in db.execute("SELECT key FROM results")}
+
+
 def _start(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", *argv], cwd=REPO, text=True,
@@ -278,6 +287,21 @@ def test_an_eviction_then_a_killed_driver_then_resume_give_one_exact_run(
     assert client.get_model_version_by_alias("faults-student", "champion").run_id == (
         parent.info.run_id
     )
+    assert int(live.data.tags["n2n.resumed"]) == 2  # the continued stage run says so too
+
+    # 4. The same search uninterrupted trains exactly the same children, in the same order:
+    # each replayed iteration drew the actions it drew the first time.
+    reference = tmp_path / "reference"
+    flags = [*_flags(reference, uri), "--no-tracking", "--address", address]
+    uninterrupted = _start(flags)
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err
+    expected = RunDir(reference).children("removal")
+    assert [(r["iteration"], r["arch_hash"]) for r in children] == [
+        (r["iteration"], r["arch_hash"]) for r in expected
+    ]
+    assert _trained(run_dir) == _trained(reference)
+    assert [r["reward"] for r in children] == [r["reward"] for r in expected]
 
 
 def test_a_resumed_tracker_continues_the_run_and_sends_what_the_dead_driver_had_not(

@@ -37,7 +37,7 @@ from pipeline.cluster import kuberay, preflight
 from pipeline.cluster.entrypoint import SubmitError, job_name, note, run_command, tracking_flags
 from pipeline.config.exits import Exit
 from pipeline.config.flags import config_from_args, forwarded
-from pipeline.config.presets import presets
+from pipeline.config.presets import PACKAGE_DIR, presets
 from pipeline.config.schema import RunConfig
 from pipeline.tracking.redaction import scrub, scrub_url
 from pipeline.tracking.store import absolute_sqlite_uri
@@ -181,7 +181,7 @@ def project_dir(explicit: str | None = None) -> Path:
                 f"--working-dir {folder} holds no n2n checkout (pipeline/__main__.py)"
             )
         return folder
-    root = Path(__file__).resolve().parent.parent
+    root = PACKAGE_DIR.parent
     if (root / "pyproject.toml").is_file() and (root / "configs").is_dir():
         return root
     raise SubmitError(
