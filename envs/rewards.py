@@ -11,7 +11,6 @@ gradient towards the feasible region early in the search.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,8 +101,3 @@ def make_reward(config: Mapping[str, Any] | None) -> RewardFn:
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}: use one of {sorted(REWARDS)}")
     return REWARDS[name](**config)
-
-
-def is_valid_reward(value: float) -> bool:
-    """True for a finite reward in the range a child can get."""
-    return math.isfinite(value) and value >= FAILED_REWARD

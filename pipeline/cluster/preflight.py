@@ -148,6 +148,8 @@ def check_teacher(cfg: Any, splits: Any) -> None:
 
     On resume the run's own ``teacher/`` is the checkpoint when the config names none.
     """
+    # Here, not at the top: PyTorch takes seconds to import, and n2n --help and refused
+    # command lines (which import this module) should not wait for it.
     from pipeline.data.teachers import load_teacher
 
     checkpoint = cfg.teacher.checkpoint

@@ -101,9 +101,6 @@ FLAGS: tuple[Flag, ...] = (
          keys=("baseline.register_best",), type=None, commands=("baseline",)),
 )  # fmt: skip
 
-BY_DEST = {flag.dest: flag for flag in FLAGS}
-
-
 def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
     """Adds every flag of ``command`` from the table."""
     for flag in FLAGS:
