@@ -29,7 +29,7 @@ from torch import nn
 from envs.graph import LAYER_TYPES, Architecture, describe, trace
 
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 11))
-IMPORTANCE = ("l1", "bn")
+IMPORTANCE = ("l1", "l2", "bn", "fpgm")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -148,42 +148,32 @@ def _unit_order(arch: Architecture):  # noqa: ANN202
     return lambda name: order[name]
 
 
-@grad_mode_free
-def channel_importance(
-    group: Any, dg: tp.DependencyGraph, kind: str = "l1", reduction: str = "sum"
-) -> torch.Tensor:
-    """Importance of each channel of a coupled group, in the root layer's channel order.
+IMPORTANCE_CLASSES: dict[str, Callable[[], tp.importance.Importance]] = {
+    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1, normalizer=None),
+    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2, normalizer=None),
+    "bn": lambda: tp.importance.BNScaleImportance(normalizer=None),
+    "fpgm": lambda: tp.importance.FPGMImportance(normalizer=None),
+}
+"""Torch-Pruning's importance criteria by name: group L1 and L2 norms (a channel's output
+filters, the input weights that read it and its BatchNorm scales, averaged over the group's
+layers), BatchNorm scale (Network Slimming's ``|gamma|``) and FPGM (distance to the group's
+geometric median)."""
 
-    ``"l1"`` sums the L1 norms of the output filters of every conv/linear layer in the group
-    (the filter-norm criterion of Li et al., extended to coupled layers); ``"bn"`` sums the
-    absolute BatchNorm scales, as Network Slimming does. ``reduction="mean"`` averages over
-    the group's layers instead, so that scores of groups with more layers stay comparable.
+
+@grad_mode_free
+def channel_importance(group: tp.Group, kind: str = "l1") -> torch.Tensor:
+    """Importance of each channel of a coupled group, in the root layer's channel order, by
+    one of Torch-Pruning's criteria (:data:`IMPORTANCE_CLASSES`).
+
+    Raises:
+        ValueError: an unknown criterion, or ``"bn"`` for a group without BatchNorm.
     """
-    if kind not in IMPORTANCE:
+    if kind not in IMPORTANCE_CLASSES:
         raise ValueError(f"unknown importance {kind!r}: use one of {list(IMPORTANCE)}")
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"unknown reduction {reduction!r}: use 'sum' or 'mean'")
-    total: torch.Tensor | None = None
-    count = 0
-    for dep, idxs in group:
-        module = dep.target.module
-        if not dg.is_out_channel_pruning_fn(dep.handler):
-            continue
-        if kind == "l1" and isinstance(module, LAYER_TYPES):
-            w = module.weight.detach()
-            score = w.abs().flatten(1).sum(dim=1)
-        elif kind == "bn" and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-            score = module.weight.detach().abs()
-        else:
-            continue
-        score = score[torch.as_tensor(list(idxs), dtype=torch.long)]
-        total = score if total is None else total + score
-        count += 1
-    if total is None:
-        raise ValueError(
-            f"importance {kind!r} found no {'BatchNorm' if kind == 'bn' else 'conv/linear'} layer in the group"
-        )
-    return total / count if reduction == "mean" else total
+    scores = IMPORTANCE_CLASSES[kind]()(group)
+    if not isinstance(scores, torch.Tensor) or scores.numel() == 0:
+        raise ValueError(f"importance {kind!r} found no layer to judge the group's channels by")
+    return scores.float()
 
 
 def kept_channels(channels: int, ratio: float, min_channels: int) -> int:
@@ -228,7 +218,7 @@ def shrink(
             continue
         root = gm.get_submodule(group.owner)
         full = dg.get_pruning_group(root, _out_pruner(dg, root), list(range(group.channels)))
-        scores = channel_importance(full, dg, importance)
+        scores = channel_importance(full, importance)
         drop = scores.argsort()[: group.channels - keep].tolist()
         dg.get_pruning_group(root, _out_pruner(dg, root), sorted(drop)).prune()
     return gm

@@ -6,7 +6,8 @@ small compression and flattens near 1, so accuracy dominates once a student is s
 The constrained variant adds hard budgets (parameters, FLOPs or latency, as fractions of the
 teacher); a child over budget is penalised with N2N's softening schedule: its reward is
 multiplied by ``(budget / used) ** softness`` instead of being cut to the floor, which keeps a
-gradient towards the feasible region early in the search.
+gradient towards the feasible region early in the search. The budget variant aims at what a
+user asks for, the most accurate student within a budget: within it only accuracy counts.
 """
 
 from __future__ import annotations
@@ -90,8 +91,40 @@ class ConstrainedReward:
         return max(reward, FAILED_REWARD)
 
 
+@dataclass(frozen=True)
+class BudgetReward:
+    """The most accurate child within a budget: ``A / A_teacher`` for a child within it, so that
+    the search aims at the largest (most accurate) student that fits rather than at ever more
+    compression; a child over budget is softened by ``(budget / used) ** softness`` and loses
+    ``penalty``, so it scores below a child of equal accuracy that fits."""
+
+    budgets: Mapping[str, float] = field(default_factory=dict)
+    """Largest allowed fraction of the teacher's params / FLOPs / latency."""
+    softness: float = 2.0
+    penalty: float = 0.1
+
+    def __post_init__(self) -> None:
+        ConstrainedReward(self.budgets, self.softness)  # the same checks
+        if not self.budgets:
+            raise ValueError("a budget reward needs at least one budget, e.g. {'params': 0.1}")
+        if self.penalty < 0:
+            raise ValueError(f"penalty {self.penalty} must be >= 0")
+
+    def __call__(self, score: ChildScore) -> float:
+        if score.teacher_accuracy <= 0:
+            raise ValueError(f"teacher accuracy {score.teacher_accuracy} must be > 0")
+        reward, over = score.accuracy / score.teacher_accuracy, False
+        for key, budget in self.budgets.items():
+            used = score.used(key)
+            if used is None:
+                raise ValueError(f"a {key} budget needs the child's measured {key}")
+            if used > budget:
+                reward, over = reward * (budget / used) ** self.softness, True
+        return max(reward - self.penalty if over else reward, FAILED_REWARD)
+
+
 RewardFn = Callable[[ChildScore], float]
-REWARDS = {"n2n": lambda **_: n2n_reward, "constrained": ConstrainedReward}
+REWARDS = {"n2n": lambda **_: n2n_reward, "constrained": ConstrainedReward, "budget": BudgetReward}
 
 
 def make_reward(config: Mapping[str, Any] | None) -> RewardFn:

@@ -241,3 +241,70 @@ def test_channels_last_is_refused_only_where_onednn_is_wrong():
     ):
         assert channels_last_is_safe(nn.Sequential(safe), cpu), safe
     assert not channels_last_is_safe(nn.Conv2d(32, 32, 1, stride=2, groups=4), cpu)
+
+
+def test_augmented_distillation_runs_the_teacher_on_each_augmented_batch(teacher, digits, logits):
+    """With ``augment`` the cached logits (of the clean images) cannot be used: the teacher
+    runs on every augmented batch, and without a teacher the call is refused in one line."""
+    child, _ = make_child(teacher.model, teacher.spec, **REDUCED)
+    cfg = KDSettings(steps=60, lr=0.05, augment="shift", warmup=0.1, schedule="cosine",
+                     label_smoothing=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="augment='shift' needs the teacher"):
+        distill(copy.deepcopy(child), *digits.train, logits, *digits.val, cfg)
+    calls = []
+    hook = teacher.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        result = distill(child, *digits.train, logits, *digits.val, cfg, teacher=teacher.model)
+    finally:
+        hook.remove()
+    assert len(calls) == 60 and result.accuracy > 0.6  # once per step, and it learns
+    assert KDSettings(augment="shift").fingerprint() != KDSettings().fingerprint()
+    # Settings at their neutral defaults leave the cache key as it was before they existed:
+    # the hash of the fields every earlier version had.
+    import dataclasses  # noqa: E401
+    import hashlib
+    import json
+
+    old = {k: v for k, v in dataclasses.asdict(KDSettings()).items()
+           if k not in ("eval_batch_size", "measure_initial", "warmup", "augment",
+                        "label_smoothing")}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert KDSettings().fingerprint() == digest
+
+
+def test_warm_up_then_cosine_is_the_learning_rate_schedule():
+    from pipeline.children.kd import make_optimizer, make_scheduler
+
+    model = nn.Linear(2, 2)
+    cfg = KDSettings(lr=1.0, warmup=0.1, schedule="cosine")
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, 100)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert rates[10] == pytest.approx(1.0) and rates[55] == pytest.approx(0.5, abs=0.02)
+    assert rates[-1] < 0.01 and all(a >= b for a, b in zip(rates[10:], rates[11:], strict=False))
+
+
+def test_shifts_and_flips_are_per_image_and_reproducible():
+    from pipeline.data.augment import augment
+
+    x = torch.arange(16 * 1 * 8 * 8, dtype=torch.float32).reshape(16, 1, 8, 8) + 1
+    a = augment(x, "shift+flip", torch.Generator().manual_seed(0))
+    b = augment(x, "shift+flip", torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert not torch.equal(a, x)
+    # Each image keeps most of its own pixels (shifted by at most one pixel here) ...
+    for i in range(16):
+        kept = set(a[i].flatten().tolist()) - {0.0}
+        assert len(kept & set(x[i].flatten().tolist())) >= 36
+    # ... and the images did not all move alike.
+    moves = {tuple((a[i] == 0).nonzero()[:, 1:].min(dim=0).values.tolist()) for i in range(16)
+             if (a[i] == 0).any()}  # fmt: skip
+    assert len(moves) > 1
+    assert torch.equal(augment(x, "none", torch.Generator()), x)
+    with pytest.raises(ValueError, match="not one of"):
+        augment(x, "mixup", torch.Generator())

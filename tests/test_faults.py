@@ -284,6 +284,17 @@ def test_an_eviction_then_a_killed_driver_then_resume_give_one_exact_run(
     live = next(r for r in stages if r.info.status == "FINISHED")
     steps = [m.step for m in client.get_metric_history(live.info.run_id, "reward/mean")]
     assert sorted(steps) == [1, 2, 3]
+    # The learner's health, per iteration (pipeline.search.learner): a collapsed policy shows.
+    for key in ("learner/entropy", "learner/approx_kl", "learner/clip_fraction",
+                "learner/vf_explained_var"):  # fmt: skip
+        history = client.get_metric_history(live.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2, 3], key
+    entropy = client.get_metric_history(live.info.run_id, "learner/entropy")
+    assert all(m.value > 0 for m in entropy)  # 5 binary choices: at most 5 ln 2
+    assert all(
+        0 <= m.value <= 1
+        for m in client.get_metric_history(live.info.run_id, "learner/clip_fraction")
+    )
     assert client.get_model_version_by_alias("faults-student", "champion").run_id == (
         parent.info.run_id
     )

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from envs.builders import build_model
-from envs.channels import channel_groups, shrink
+from envs.channels import (
+    channel_groups,
+    channel_importance,
+    dependency_graph,
+    pruning_group,
+    shrink,
+)
 from envs.checkpoint import build_from_spec
 from envs.costs import count_flops, count_params
 from envs.graph import TraceError, describe, trace
@@ -170,22 +176,50 @@ def test_depthwise_groups_follow_their_pointwise_conv():
     assert child.get_submodule("features.12").in_channels == 16
 
 
-def test_shrinkage_keeps_the_largest_l1_filters_and_their_weights():
+def _closed_form(teacher: nn.Module, kind: str) -> torch.Tensor:
+    """The criterion's score for each output channel of small_cnn's first conv, by hand: its
+    group is the conv's filters, its BatchNorm's scales and the next conv's input weights."""
+    w0 = teacher.get_submodule("features.0").weight.detach()
+    gamma = teacher.get_submodule("features.1").weight.detach()
+    w3 = teacher.get_submodule("features.3").weight.detach()
+    if kind == "bn":
+        return gamma.abs()
+    p = {"l1": 1, "l2": 2}[kind]
+    parts = [
+        w0.abs().pow(p).sum(dim=(1, 2, 3)),
+        gamma.abs().pow(p),
+        w3.abs().pow(p).sum(dim=(0, 2, 3)),
+    ]
+    return torch.stack(parts).mean(dim=0)  # Torch-Pruning's group mean over the three layers
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "bn", "fpgm"])
+def test_shrinkage_keeps_the_channels_the_criterion_ranks_highest(kind):
     teacher, spec = _model("small_cnn", [1, 8, 8], {})
+    torch.manual_seed(1)
+    with torch.no_grad():  # scales of different sizes, so that the criteria disagree
+        teacher.get_submodule("features.1").weight.uniform_(0.1, 2.0)
+    if kind == "fpgm":  # no closed form here: Torch-Pruning's own scorer on the teacher
+        dg = dependency_graph(teacher, [1, 8, 8])
+        root = teacher.get_submodule("features.0")
+        scores = channel_importance(pruning_group(dg, root, range(32)), "fpgm")
+    else:
+        scores = _closed_form(teacher, kind)
+    top = scores.argsort(descending=True)[:8].sort().values
+    child, _ = make_child(teacher, spec, ratios={"features.0": 0.25}, importance=kind)
     w = teacher.get_submodule("features.0").weight.detach()
-    top = w.abs().sum(dim=(1, 2, 3)).argsort(descending=True)[:8].sort().values
-    child, _ = make_child(teacher, spec, ratios={"features.0": 0.25})
     assert torch.equal(child.get_submodule("features.0").weight, w[top])
     next_w = teacher.get_submodule("features.3").weight.detach()
     assert torch.equal(child.get_submodule("features.3").weight, next_w[:, top])
 
 
-def test_bn_importance_keeps_the_largest_gammas():
-    teacher, spec = _model("small_cnn", [1, 8, 8], {})
-    gamma = teacher.get_submodule("features.1").weight.detach()
-    top = gamma.abs().argsort(descending=True)[:8].sort().values
-    child, _ = make_child(teacher, spec, ratios={"features.0": 0.25}, importance="bn")
-    assert torch.equal(child.get_submodule("features.1").weight, gamma[top])
+def test_the_criteria_rank_differently():
+    teacher, _ = _model("small_cnn", [1, 8, 8], {})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        teacher.get_submodule("features.1").weight.uniform_(0.1, 2.0)
+    tops = {k: set(_closed_form(teacher, k).argsort()[-8:].tolist()) for k in ("l1", "l2", "bn")}
+    assert tops["l1"] != tops["bn"] and tops["l2"] != tops["bn"]
 
 
 def test_min_channels_floor():

@@ -51,6 +51,8 @@ class Context:
     test: Any
     """Object-store reference to the test images and labels."""
     console: Console | None
+    teacher_ref: Any = None
+    """Object-store reference to the teacher, run on augmented batches (``finetune.augment``)."""
     evaluations: int = 0
     """KD trainings run so far (the methods' "child evaluations")."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -84,6 +86,7 @@ class Context:
             self.test if test else None,
             max(1, int(cfg.ray.cpus_per_child)),
             bn_l1,
+            self.teacher_ref if cfg.finetune.augment != "none" else None,
         )
         out = ray.get(ref)
         model.load_state_dict(out.pop("state_dict"))
@@ -121,7 +124,7 @@ def student_record(
         "val_accuracy": trained["val_accuracy"],
         "test_accuracy": trained["test_accuracy"],
         "delta": trained["test_accuracy"] - teacher["test_accuracy"],
-        "reward": float(make_reward(ctx.cfg.reward.as_env_config())(score)),
+        "reward": float(make_reward(ctx.cfg.reward.as_env_config({}, teacher))(score)),
         "kd_steps": trained.get("kd_steps"),
         "child_evaluations": evaluations,
         "wall_time_s": round(seconds, 1),

@@ -100,6 +100,7 @@ def run_baseline(
         ctx = Context(
             cfg, run_dir, splits, teacher, ray.put(make_payload(splits, teacher.model)),
             ray.put((splits.test[0].numpy(), splits.test[1].numpy())), console,
+            ray.put(teacher.model),
         )  # fmt: skip
         targets = targets or cfg.baseline.targets(teacher.facts["params"])
         if tracker is not None:

@@ -93,7 +93,7 @@ def slim(
         root = gm.get_submodule(group.owner)
         full = pruning_group(dg, root, range(group.channels))
         try:
-            scores = channel_importance(full, dg, "bn", reduction="mean")
+            scores = channel_importance(full, "bn")
         except ValueError:
             continue  # no BatchNorm scale to judge these channels by
         with_bn += 1

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.children.kd import KDSettings, kd_loss, l2_loss
+from pipeline.children.kd import KDSettings, kd_loss, l2_loss, make_optimizer, make_scheduler
+from pipeline.data.augment import augment
 from pipeline.torch_utils import evaluate_accuracy, resolve_device, seed_everything, sync
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class _Run:
     """The teacher's logits for ``xs``, or None to run ``teacher`` on every batch."""
     teacher: nn.Module | None
     generator: torch.Generator
+    augment_generator: torch.Generator
     n_used: int
     batch: int
     batches_per_epoch: int
@@ -214,6 +216,11 @@ def _prepare(
         memory_format = torch.contiguous_format
     elif train_x.dim() == 4 and cfg.channels_last:
         memory_format = torch.channels_last
+    if cfg.augment != "none" and teacher is None:
+        raise ValueError(
+            f"distill augment={cfg.augment!r} needs the teacher (teacher=...): its logits on "
+            "augmented images cannot come from the cache"
+        )
     student.to(device=device, memory_format=memory_format)
     if teacher is not None:
         teacher.eval().to(device=device, memory_format=memory_format)
@@ -235,20 +242,18 @@ def _prepare(
     def gather(t: torch.Tensor) -> torch.Tensor:
         return (t if n_used == n else t[subset]).to(device)
 
-    optimizer = _make_optimizer(student, cfg)
+    optimizer = make_optimizer(student, cfg)
     cuda = device.type == "cuda"
     amp_dtype = _amp_dtype(device) if cfg.amp and cuda else None
     batch = min(cfg.batch_size, n_used)
     return _Run(
         student=student, cfg=cfg, device=device, memory_format=memory_format,
         xs=gather(train_x), ys=gather(train_y),
-        ts=gather(teacher_logits) if teacher_logits is not None else None, teacher=teacher,
+        ts=gather(teacher_logits) if teacher_logits is not None and cfg.augment == "none" else None,
+        teacher=teacher, augment_generator=torch.Generator().manual_seed(cfg.seed + 1),
         generator=generator, n_used=n_used, batch=batch, batches_per_epoch=n_used // batch,
         total_steps=total_steps, checkpoint_steps=checkpoint_steps, optimizer=optimizer,
-        scheduler=(
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
-            if cfg.schedule == "cosine" else None
-        ),
+        scheduler=make_scheduler(optimizer, cfg, total_steps),
         amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
         check_every=1 if not cuda else 25,
@@ -275,6 +280,8 @@ def train_step(run: _Run, idx: torch.Tensor) -> torch.Tensor:
     """One optimiser step on the examples ``idx``; returns the (detached) loss."""
     cfg, device, autocast = run.cfg, run.device, run.amp_dtype is not None
     xb, yb = run.xs[idx], run.ys[idx]
+    if cfg.augment != "none":
+        xb = augment(xb, cfg.augment, run.augment_generator)
     if run.memory_format is torch.channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
     if run.ts is not None:
@@ -293,7 +300,7 @@ def train_step(run: _Run, idx: torch.Tensor) -> torch.Tensor:
     if cfg.loss == "l2":
         loss = l2_loss(out, tb)
     else:
-        loss = kd_loss(out, tb, yb, cfg.temperature, cfg.alpha)
+        loss = kd_loss(out, tb, yb, cfg.temperature, cfg.alpha, cfg.label_smoothing)
 
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:
@@ -356,13 +363,6 @@ def channels_last_is_safe(model: nn.Module, device: torch.device) -> bool:
         ):
             return False
     return True
-
-
-def _make_optimizer(model: nn.Module, cfg: KDSettings) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:

@@ -25,11 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.augment import AUGMENTATIONS
 from pipeline.torch_utils import model_device, resolve_device
 
 LOSSES = ("kd", "l2")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
+
+
+NEUTRAL = {"warmup": 0.0, "augment": "none", "label_smoothing": 0.0}
+"""Settings whose default changes nothing, left out of :meth:`KDSettings.fingerprint` then,
+so that a reward cache written before they existed still answers."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,14 @@ class KDSettings:
     a CPU training step (1 thread, batch 128) measured 1.3-1.6x faster than NCHW across the
     zoo (``benchmarks/step_time.py``). On the CPU a child that :func:`channels_last_is_safe`
     refuses trains in NCHW whatever this says."""
+    warmup: float = 0.0
+    """Share of the steps over which the learning rate rises linearly from zero first."""
+    augment: str = "none"
+    """Per-image augmentation of each batch (``pipeline.data.augment``): ``"none"``,
+    ``"shift"``, ``"flip"`` or ``"shift+flip"``. Augmented images need the teacher's logits on
+    them, so the teacher runs on every batch (``teacher=`` in ``distill``)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy term of the ``"kd"`` loss."""
     measure_initial: bool = False
     """Also score the child before training (recorded as ``initial_accuracy``): a diagnostic
     that costs one more pass over the validation data, so off by default."""
@@ -87,6 +101,14 @@ class KDSettings:
             raise ValueError(f"distill epochs {self.epochs!r} must be > 0 when steps is None")
         if not 0.0 < self.data_fraction <= 1.0:
             raise ValueError(f"distill data_fraction {self.data_fraction!r} must lie in (0, 1]")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"distill augment {self.augment!r} is not one of {AUGMENTATIONS}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(
+                f"distill warmup {self.warmup!r} must be a share of the steps in [0, 1)"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"distill label_smoothing {self.label_smoothing!r} must lie in [0, 1)")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"distill alpha {self.alpha!r} must lie in [0, 1]")
         for name in ("temperature", "lr", "batch_size", "eval_batch_size"):
@@ -121,6 +143,9 @@ class KDSettings:
         values = self.as_dict()
         values.pop("eval_batch_size")
         values.pop("measure_initial")
+        for key, default in NEUTRAL.items():  # added later: their defaults keep old hashes
+            if values[key] == default:
+                values.pop(key)
         text = json.dumps(values, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -131,6 +156,7 @@ def kd_loss(
     labels: torch.Tensor,
     temperature: float,
     alpha: float,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Hinton et al.'s distillation loss: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``."""
     soft = F.kl_div(
@@ -139,7 +165,11 @@ def kd_loss(
         reduction="batchmean",
         log_target=True,
     )
-    hard = F.cross_entropy(student, labels) if alpha < 1.0 else student.new_zeros(())
+    hard = (
+        F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+        if alpha < 1.0
+        else student.new_zeros(())
+    )
     return alpha * temperature**2 * soft + (1.0 - alpha) * hard
 
 
@@ -165,3 +195,31 @@ def teacher_logits(
     finally:  # the caller's teacher stays where it was: surgery on it traces on the CPU
         teacher.train(was_training).to(home)
     return torch.cat(outs) if outs else torch.empty(0)
+
+
+def make_optimizer(model: nn.Module, cfg: KDSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: KDSettings, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning rate over the steps: a linear warm-up over ``cfg.warmup`` of them, then
+    constant or a cosine decay to zero (``cfg.schedule``)."""
+    warm = int(round(cfg.warmup * total_steps))
+    if warm == 0:
+        if cfg.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+        return None
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

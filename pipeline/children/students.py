@@ -28,6 +28,7 @@ def train_student_task(
     test: tuple[np.ndarray, np.ndarray] | None,
     threads: int,
     bn_l1: float = 0.0,
+    teacher: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Distils one student (``cfg``'s budget); returns its weights and accuracies.
 
@@ -39,6 +40,7 @@ def train_student_task(
         threads: PyTorch threads (the task's CPUs).
         bn_l1: Network Slimming's sparsity term: every BatchNorm scale's gradient gets
             ``bn_l1 * sign(gamma)`` added, the subgradient of ``bn_l1 * sum |gamma|``.
+        teacher: the teacher, run on every (augmented) batch when ``cfg.augment`` is set.
     """
     torch.set_num_threads(threads)
     if bn_l1 > 0:
@@ -46,7 +48,9 @@ def train_student_task(
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
                 weight = module.weight
                 weight.register_hook(lambda grad, w=weight: grad + bn_l1 * torch.sign(w.detach()))
-    result = distill_payload(model, payload, cfg)
+    if teacher is not None:
+        teacher.eval()
+    result = distill_payload(model, payload, cfg, teacher=teacher)
     test_acc = None
     if test is not None:
         x, y = torch.as_tensor(test[0]), torch.as_tensor(test[1])
@@ -56,6 +60,7 @@ def train_student_task(
         "val_accuracy": result.accuracy,
         "test_accuracy": test_acc,
         "kd_steps": result.steps,
+        "teacher_forwards": result.steps * cfg.batch_size if cfg.augment != "none" else 0,
         "wall_time_s": result.wall_time_s,
     }
 
@@ -70,8 +75,7 @@ def finetune_settings(cfg: RunConfig, steps: int | None = None) -> KDSettings:
         cfg.distill.as_kwargs(
             cfg.seed,
             steps=steps or cfg.finetune.steps,
-            lr=cfg.finetune.lr,
-            schedule=cfg.finetune.schedule,
             measure_initial=False,
+            **cfg.finetune.overrides(),
         )
     )

@@ -126,8 +126,10 @@ def distill_payload(
     deadline: float | None = None,
     checkpoints: Sequence[int] = (),
     on_checkpoint: Callable[[int, float], bool] | None = None,
+    teacher: nn.Module | None = None,
 ) -> DistillResult:
-    """:func:`distill` on the training and validation data of an object-store payload."""
+    """:func:`distill` on the training and validation data of an object-store payload (with
+    ``teacher`` run on every batch when ``cfg`` augments the images)."""
     data = payload_tensors(payload)
     return distill(
         student,
@@ -140,4 +142,5 @@ def distill_payload(
         deadline=deadline,
         checkpoints=checkpoints,
         on_checkpoint=on_checkpoint,
+        teacher=teacher,
     )

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.errors import NoFeasibleStudent
 from pipeline.config.exits import Exit, epilog
 from pipeline.config.flags import UsageError, add_flags, config_from_args, overrides
 from pipeline.config.presets import DEFAULT_PRESET, load_config, validate_config
@@ -260,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UsageError) as err:
         print(f"n2n {args.command}: error: {err}", file=sys.stderr)
         return Exit.USAGE
+    except NoFeasibleStudent as err:
+        where = getattr(args, "run_dir_resolved", None)
+        print(f"n2n {args.command}: {err} (everything measured is in {where})", file=sys.stderr)
+        return Exit.INFEASIBLE
     except KeyboardInterrupt:
         where = ""
         run_dir = getattr(args, "resume", None) or _last_run_dir(args)

@@ -13,6 +13,7 @@ class Exit(IntEnum):
     USAGE = 2
     STOPPED = 3
     DEADLINE = 4
+    INFEASIBLE = 5
     INTERRUPTED = 130
     TERMINATED = 143
 
@@ -27,6 +28,8 @@ _LOCAL = {
 MEANINGS: dict[str, dict[Exit, str]] = {
     "run": {
         **_LOCAL,
+        Exit.INFEASIBLE: "no student within the budget (--params, --compression, --flops); "
+        "the run directory keeps every child measured",
         Exit.INTERRUPTED: "Ctrl+C (continue with n2n run --resume RUN_DIR)",
         Exit.TERMINATED: "SIGTERM (continue with n2n run --resume RUN_DIR)",
     },

@@ -94,12 +94,22 @@ FLAGS: tuple[Flag, ...] = (
          keys=("shrinkage.enabled",), type=None, value="false", commands=RUNS, forward=True),
     Flag("--resume", "continue an interrupted run from its directory", metavar="RUN_DIR",
          commands=RUNS, resumable=True),
+    Flag("--params", "the most parameters the student may have (budget.params): the search "
+         "aims at it and the student is chosen within it", keys=("budget.params",), type=int,
+         metavar="N", commands=RUNS, forward=True),
+    Flag("--compression", "at least this many times fewer parameters than the teacher "
+         "(budget.compression), e.g. 10", keys=("budget.compression",), type=float,
+         metavar="X", commands=RUNS, forward=True),
+    Flag("--flops", "the most FLOPs per image, a count or at most 1 for a fraction of the "
+         "teacher's (budget.flops)", keys=("budget.flops",), type=float, metavar="F",
+         commands=RUNS, forward=True),
     Flag("--params", "parameter budget (repeatable; baseline.params); default teacher/10 and "
          "teacher/20", keys=("baseline.params",), type=int, repeat=True, metavar="N",
          commands=("baseline",)),
     Flag("--register", "register the best student (baseline.register_best)",
          keys=("baseline.register_best",), type=None, commands=("baseline",)),
 )  # fmt: skip
+
 
 def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
     """Adds every flag of ``command`` from the table."""
@@ -120,8 +130,12 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def given(args: argparse.Namespace) -> list[Flag]:
-    """The table's flags set on this command line."""
-    return [f for f in FLAGS if _set(getattr(args, f.dest, None))]
+    """The table's flags set on this command line (of its command, when it names one)."""
+    command = getattr(args, "command", None)
+    return [
+        f for f in FLAGS
+        if (command is None or command in f.commands) and _set(getattr(args, f.dest, None))
+    ]  # fmt: skip
 
 
 def _set(value: Any) -> bool:

@@ -95,8 +95,8 @@ class TeacherConfig(_Section):
         0.05, gt=0, description="Peak learning rate of the teacher's one-cycle schedule."
     )
     weight_decay: float = Field(5e-4, ge=0, description="Teacher weight decay.")
-    augment: Literal["none", "shift", "shift+flip"] = Field(
-        "none", description="Teacher training augmentation."
+    augment: Literal["none", "shift", "flip", "shift+flip"] = Field(
+        "none", description="Teacher training augmentation, per image (random shifts, flips)."
     )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
 
@@ -178,23 +178,71 @@ class DistillConfig(_Section):
         }
 
 
+class BudgetConfig(_Section):
+    """What a user asks for: the most accurate student within a budget (``n2n run --params``,
+    ``--compression``, ``--flops``). With one set, the search aims at it (``reward.name`` auto)
+    and the final student is chosen only among students within it, by validation accuracy."""
+
+    params: PositiveInt | None = Field(None, description="Most parameters the student may have.")
+    compression: float | None = Field(
+        None, gt=1, description="Fewest times fewer parameters than the teacher (10 = teacher/10)."
+    )
+    flops: float | None = Field(
+        None,
+        gt=0,
+        description="Most FLOPs of one forward pass: a count, or at most 1 for a fraction of the "
+        "teacher's.",
+    )
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.params, self.compression, self.flops))
+
+    def limits(self, teacher_params: int, teacher_flops: int) -> dict[str, int]:
+        """The budget as absolute counts, ``{"params": N, "flops": F}`` (the keys set)."""
+        out: dict[str, int] = {}
+        caps = [self.params] if self.params is not None else []
+        if self.compression is not None:
+            caps.append(int(teacher_params / self.compression))
+        if caps:
+            out["params"] = min(caps)
+        if self.flops is not None:
+            out["flops"] = int(self.flops * teacher_flops if self.flops <= 1 else self.flops)
+        return out
+
+
 class RewardConfig(_Section):
     """How a child's compression and accuracy become a reward (see envs.rewards)."""
 
-    name: Literal["n2n", "constrained"] = Field(
-        "n2n", description="N2N's C(2-C)*A/A_teacher, or with cost budgets."
+    name: Literal["auto", "n2n", "constrained", "budget"] = Field(
+        "auto",
+        description="N2N's C(2-C)*A/A_teacher, with cost budgets (constrained), or accuracy "
+        "within the run's budget (budget); auto is budget when the run has one, else n2n.",
     )
     budgets: dict[Literal["params", "flops", "latency"], Fraction] = Field(
         default_factory=dict,
         description="Constrained reward only: largest fraction of the teacher's cost.",
     )
     softness: float = Field(2.0, gt=0, description="Exponent of the over-budget softening factor.")
+    penalty: float = Field(
+        0.1, ge=0, description="Budget reward: subtracted from a child over budget."
+    )
 
-    def as_env_config(self) -> dict[str, Any]:
-        """The ``reward`` entry of an env_config."""
-        if self.name == "n2n":
+    def as_env_config(self, limits: dict[str, int], teacher: dict[str, Any]) -> dict[str, Any]:
+        """The ``reward`` entry of an env_config, for the budget ``limits`` (absolute counts)
+        of a teacher with ``teacher["params"]`` and ``teacher["flops"]``."""
+        name = self.name if self.name != "auto" else ("budget" if limits else "n2n")
+        if name == "n2n":
             return {"name": "n2n"}
-        return {"name": "constrained", "budgets": dict(self.budgets), "softness": self.softness}
+        if name == "constrained":
+            return {"name": "constrained", "budgets": dict(self.budgets), "softness": self.softness}
+        if not limits:
+            raise ValueError(
+                "reward.name=budget needs a budget: pass --params N, --compression X or --flops F"
+            )
+        fractions = {key: min(1.0, n / teacher[key]) for key, n in limits.items()}
+        return {"name": "budget", "budgets": fractions, "softness": self.softness,
+                "penalty": self.penalty}  # fmt: skip
 
 
 class SearchConfig(_Section):
@@ -219,6 +267,15 @@ class SearchConfig(_Section):
     evaluator_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra keyword arguments for the evaluator (merged over the derived ones).",
+    )
+    sparsity_steps: int = Field(
+        0,
+        ge=0,
+        description="KD steps with an L1 penalty on the teacher's BatchNorm scales before the "
+        "search (Network Slimming's sparsity phase); children are cut from that copy. 0 = off.",
+    )
+    sparsity_l1: float = Field(
+        1e-4, ge=0, description="Coefficient of the sparsity phase's L1 penalty."
     )
 
     @field_validator("evaluator")
@@ -282,6 +339,33 @@ class FinetuneConfig(_Section):
     schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="Fine-tuning learning-rate schedule (cosine decays it to zero)."
     )
+    warmup: float = Field(
+        0.0, ge=0, lt=1, description="Share of the steps with a linear learning-rate warm-up."
+    )
+    augment: Literal["none", "shift", "flip", "shift+flip"] = Field(
+        "none",
+        description="Per-image augmentation (random shifts, flips); the teacher then runs on "
+        "every batch instead of its cached logits.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing of the KD loss's cross-entropy term."
+    )
+    alpha: float | None = Field(
+        None, ge=0, le=1, description="KD weight against cross-entropy; None keeps distill.alpha."
+    )
+    temperature: float | None = Field(
+        None, gt=0, description="KD temperature; None keeps distill.temperature."
+    )
+
+    def overrides(self) -> dict[str, Any]:
+        """The ``KDSettings`` fields fine-tuning sets over ``distill``'s."""
+        out: dict[str, Any] = {
+            "lr": self.lr, "schedule": self.schedule, "warmup": self.warmup,
+            "augment": self.augment, "label_smoothing": self.label_smoothing,
+        }  # fmt: skip
+        out |= {k: v for k, v in (("alpha", self.alpha), ("temperature", self.temperature))
+                if v is not None}  # fmt: skip
+        return out
 
 
 class BaselineConfig(_Section):
@@ -420,6 +504,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     removal: StageConfig = Field(default_factory=StageConfig)

@@ -27,12 +27,11 @@ from envs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from envs.costs import model_costs
 from envs.spec import teacher_spec
 from pipeline.config.schema import RunConfig
+from pipeline.data.augment import AUGMENTATIONS, augment
 from pipeline.data.datasets import Splits
 from pipeline.torch_utils import evaluate_accuracy, model_device, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
-
-AUGMENTATIONS = ("none", "shift", "shift+flip")
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,9 @@ class TeacherTraining:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     augment: str = "none"
-    """``"none"``, ``"shift"`` (random translations up to 1/8 of the image) or ``"shift+flip"``
-    (also horizontal flips; for natural images such as CIFAR, not for digits)."""
+    """Per-image ``"shift"`` (random translations up to 1/8 of the image), ``"flip"``,
+    ``"shift+flip"`` or ``"none"`` (``pipeline.data.augment``); flips suit natural images
+    and clothing, not digits."""
     max_steps: int | None = None
     """Stop after this many steps (for tests); None trains all ``epochs``."""
     seed: int = 0
@@ -215,7 +215,7 @@ def train_one_epoch(
     total = 0.0
     for b in range(steps):
         idx = order[b * batch : (b + 1) * batch]
-        xb = _augment(x[idx], cfg.augment, generator).to(device)
+        xb = augment(x[idx], cfg.augment, generator).to(device)
         loss = F.cross_entropy(model(xb), y[idx].to(device), label_smoothing=cfg.label_smoothing)
         if not math.isfinite(loss.item()):
             raise ValueError(
@@ -246,20 +246,6 @@ def load_teacher(path: str | Path, splits: Splits) -> Checkpoint:
             f"{list(splits.input_shape)}; train a teacher for this dataset (n2n teacher)"
         )
     return checkpoint
-
-
-def _augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Random translations (zero padding) and optional horizontal flips, per batch."""
-    if mode == "none":
-        return x
-    pad = max(1, x.shape[-1] // 8)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dx, dy = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
-    x = padded[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
-    if mode == "shift+flip":
-        flip = torch.rand(len(x), generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x
 
 
 class Progress:

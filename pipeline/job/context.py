@@ -36,6 +36,20 @@ class Job:
     log_name: str
     log: Any = None
     warnings: list[str] = field(default_factory=list)
+    source: Teacher | None = None
+    """The network children are cut from: the teacher, or its copy trained with a sparsity
+    penalty on BatchNorm scales (``search.sparsity_steps``); the teacher stays the KD target."""
+    limits: dict[str, int] = field(default_factory=dict)
+    """The run's budget as counts (``{"params": N, "flops": F}``); empty without one."""
+
+    @property
+    def parent(self) -> Teacher:
+        """Where children come from (:attr:`source`, else the teacher)."""
+        return self.source or self.teacher
+
+    def reward(self, cfg: RunConfig | None = None) -> dict[str, Any]:
+        """The env's reward config for ``cfg`` (default the job's), aimed at the budget."""
+        return (cfg or self.cfg).reward.as_env_config(self.limits, self.teacher.facts)
 
     def say(self, text: str) -> None:
         """A progress message: on the console when there is one, else in the log."""

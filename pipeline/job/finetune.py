@@ -20,6 +20,7 @@ from envs.costs import model_costs
 from envs.rewards import ChildScore, make_reward
 from pipeline.children.payload import make_payload
 from pipeline.children.students import finetune_settings, train_student_task
+from pipeline.config.errors import NoFeasibleStudent
 from pipeline.job.context import Job
 from pipeline.tracking.rundir import ok
 
@@ -39,17 +40,47 @@ def _payload(job: Job) -> ray.ObjectRef:
     return ray.put({**data, "val_x": val_x.numpy(), "val_y": val_y.numpy()})
 
 
-def top_candidates(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
-    """The ``k`` best successful children by search reward, one per architecture."""
+def within(row: dict[str, Any], limits: dict[str, int]) -> bool:
+    """Whether a child (or student) record is within the budget ``limits`` (counts)."""
+    return all(row.get(key) is not None and row[key] <= n for key, n in limits.items())
+
+
+def top_candidates(
+    rows: list[dict[str, Any]], k: int, limits: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """The ``k`` best successful children by search reward, one per architecture, within the
+    budget ``limits`` when there is one.
+
+    Raises:
+        NoFeasibleStudent: children were evaluated but none is within the budget.
+    """
     distinct: dict[str, dict[str, Any]] = {}
     for row in sorted((r for r in rows if ok(r)), key=lambda r: -r["reward"]):
         distinct.setdefault(row["arch_hash"], row)
-    candidates = list(distinct.values())[:k]
-    if not candidates:
+    if not distinct:
         raise RuntimeError(
             "no child was evaluated successfully, so there is no student to fine-tune"
         )
+    candidates = [r for r in distinct.values() if within(r, limits or {})][:k]
+    if not candidates:
+        smallest = min(distinct.values(), key=lambda r: r["params"])
+        asked = ", ".join(f"{key} <= {n:,}" for key, n in (limits or {}).items())
+        raise NoFeasibleStudent(
+            f"no student within the budget ({asked}): the smallest of {len(distinct)} "
+            f"architectures evaluated has {smallest['params']:,} params and "
+            f"{smallest['flops']:,} FLOPs; raise the budget, or let the search shrink further "
+            "(smaller shrinkage.ratios, lower shrinkage.min_channels, more iterations)"
+        )
     return candidates
+
+
+def choose_best(students: list[dict[str, Any]]) -> dict[str, Any]:
+    """The final student: the highest reward recomputed with its fine-tuned *validation*
+    accuracy (within a budget that is the most accurate student), never by test accuracy.
+    Marks it ``best``."""
+    best = max(students, key=lambda s: s["reward"])
+    best["best"] = True
+    return best
 
 
 def finetune(
@@ -69,6 +100,8 @@ def finetune(
     settings = finetune_settings(cfg)
     payload = _payload(job)
     test = ray.put((job.splits.test[0].numpy(), job.splits.test[1].numpy()))
+    # Augmented batches need the teacher's logits on them: it travels once, as a reference.
+    teacher = ray.put(job.teacher.model) if settings.augment != "none" else None
     job.say(
         f"[bold]fine-tuning[/] {len(candidates)} students for {cfg.finetune.steps} KD steps each"
     )
@@ -77,10 +110,10 @@ def finetune(
             num_cpus=cfg.ray.cpus_per_child,
             num_gpus=cfg.ray.gpus_per_child,
             scheduling_strategy="DEFAULT",
-        ).remote(payload, model, settings, test, max(1, int(cfg.ray.cpus_per_child)))
+        ).remote(payload, model, settings, test, max(1, int(cfg.ray.cpus_per_child)), 0.0, teacher)
         for model, _ in built
     ]
-    reward_fn = make_reward(cfg.reward.as_env_config())
+    reward_fn = make_reward(job.reward())
     teacher = job.teacher.facts
     students = []
     for rank, (row, (model, spec), ref) in enumerate(
@@ -113,8 +146,7 @@ def finetune(
         students.append(metrics)
     if not students:
         raise RuntimeError(f"fine-tuning failed for every student: {job.warnings[-1]}")
-    best = max(students, key=lambda s: s["reward"])
-    best["best"] = True
+    best = choose_best(students)
     best_dir = job.run_dir.file("best")
     shutil.rmtree(best_dir, ignore_errors=True)
     model, spec = built[best["rank"] - 1]  # ranks follow candidates, failed ones included

@@ -29,11 +29,13 @@ from rich.console import Console
 
 from envs.checkpoint import load_checkpoint
 from pipeline.cluster.runtime import check_resources, init_ray
+from pipeline.config.errors import NoFeasibleStudent
 from pipeline.config.schema import RunConfig
 from pipeline.data.datasets import Splits, load_splits
 from pipeline.data.teachers import Teacher, prepare_teacher
 from pipeline.job.context import Job, log_name
-from pipeline.job.finetune import finetune, top_candidates
+from pipeline.job.finetune import finetune, top_candidates, within
+from pipeline.job.sparsity import sparse_source
 from pipeline.job.stages import best_row, make_evaluator, rebuild_child, search_stage, stage_start
 from pipeline.search.records import STAGES, child_log
 from pipeline.tracking.progress import Clock, tracked_metrics
@@ -68,6 +70,12 @@ def open_job(
         f"teacher {f['arch']}: {f['params']:,} params, {f['flops']:,} FLOPs, "
         f"val {f['val_accuracy']:.4f}, test {f['test_accuracy']:.4f}"
     )
+    job.limits = cfg.budget.limits(f["params"], f["flops"])
+    if job.limits:
+        asked = ", ".join(f"{key} <= {n:,}" for key, n in job.limits.items())
+        job.say(f"[bold]budget[/]: {asked} (reward {job.reward()['name']})")
+    if cfg.search.sparsity_steps > 0:
+        job.source = sparse_source(job)
     return job
 
 
@@ -75,10 +83,11 @@ def _open_tracking(cfg: RunConfig, run_dir: RunDir, tracker: Tracker, teacher: T
     """Starts the MLflow parent run, or continues the one a resumed run already had."""
     stages = [s for s in STAGES if cfg.stage(s).enabled]
     args = (cfg.model_dump(mode="json"), teacher.facts)
-    kwargs = {
-        "dataset": cfg.data.name,
-        "tags": {"algo": cfg.search.algo, "policy": cfg.search.policy, "stages": ",".join(stages)},
-    }
+    tags = {"algo": cfg.search.algo, "policy": cfg.search.policy, "stages": ",".join(stages)}
+    limits = cfg.budget.limits(teacher.facts["params"], teacher.facts["flops"])
+    if limits:
+        tags["budget"] = ", ".join(f"{key} <= {n}" for key, n in limits.items())
+    kwargs = {"dataset": cfg.data.name, "tags": tags}
     earlier = run_dir.state().get("mlflow") or {}
     if earlier.get("run_id") and earlier.get("uri") == tracker.safe_uri:
         iterations: dict[str, list[tuple[int, dict[str, Any]]]] = {}
@@ -164,7 +173,11 @@ def run(
             if stage == "removal":
                 start, parent = stage_start(job, rows)
         run_dir.write_pareto(all_rows)
-        candidates = top_candidates(all_rows, cfg.finetune.top_k)
+        try:
+            candidates = top_candidates(all_rows, cfg.finetune.top_k, job.limits)
+        except NoFeasibleStudent:
+            run_dir.write_summary(_infeasible_summary(job, all_rows, time.monotonic() - started))
+            raise
         built = [rebuild_child(job, row, parent) for row in candidates]
         students = finetune(job, candidates, built)
         run_dir.mark("finetune", students=len(students))
@@ -213,6 +226,7 @@ def _summary(
         "name": job.cfg.name,
         "dataset": job.cfg.data.name,
         "algo": job.cfg.search.algo,
+        "budget": budget_report(job.limits, student),
         "teacher": teacher,
         "student": student,
         "students": students,
@@ -228,5 +242,35 @@ def _summary(
         },
         "cache": {k: v for k, v in cache.items() if k != "path"},
         "warnings": warnings,
+        "wall_time_s": round(wall, 1),
+    }
+
+
+def budget_report(limits: dict[str, int], student: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the summary says of the budget: the limits, whether the student met them, and by
+    how much (``margin``: the share of each limit left unused; negative when over)."""
+    if not limits:
+        return None
+    report: dict[str, Any] = {"limits": dict(limits), "met": False, "margin": {}}
+    if student is not None:
+        report["met"] = within(student, limits)
+        report["margin"] = {key: 1 - student[key] / n for key, n in limits.items()}
+    return report
+
+
+def _infeasible_summary(job: Job, rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """``summary.json`` of a search that found no student within its budget."""
+    keys = ("params", "flops", "size_bytes", "val_accuracy", "test_accuracy", "arch")
+    good = [r for r in rows if r.get("params")]
+    return {
+        "name": job.cfg.name,
+        "dataset": job.cfg.data.name,
+        "algo": job.cfg.search.algo,
+        "budget": budget_report(job.limits, None),
+        "teacher": {k: job.teacher.facts[k] for k in keys},
+        "student": None,
+        "students": [],
+        "smallest_child": min(good, key=lambda r: r["params"])["params"] if good else None,
+        "children": {"evaluated": len(rows)},
         "wall_time_s": round(wall, 1),
     }

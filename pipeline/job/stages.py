@@ -67,10 +67,10 @@ def env_config(
     """The env_config of a stage's environments (for ``cfg``, default the job's config)."""
     cfg = cfg or job.cfg
     config: dict[str, Any] = {
-        "teacher": str(job.teacher.path),
+        "teacher": str(job.parent.path),
         "evaluator": job.evaluator[0],
         "evaluator_config": job.evaluator[1],
-        "reward": cfg.reward.as_env_config(),
+        "reward": job.reward(cfg),
     }
     if stage == "shrinkage":
         s = cfg.shrinkage
@@ -111,13 +111,12 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def rebuild_child(
     job: Job, row: dict[str, Any], parent: tuple[nn.Module, dict[str, Any]] | None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The child of a record, rebuilt by surgery with the teacher's (or parent's) weights."""
+    """The child of a record, rebuilt by surgery with the weights it was cut from (the
+    teacher's, or stage 1's best child's for a stage 2 child)."""
     if row["stage"] == "removal":
-        model, spec = make_child(
-            job.teacher.model, job.teacher.spec, remove=row.get("removed") or []
-        )
+        model, spec = make_child(job.parent.model, job.parent.spec, remove=row.get("removed") or [])
     else:
-        base_model, base_spec = parent or (job.teacher.model, job.teacher.spec)
+        base_model, base_spec = parent or (job.parent.model, job.parent.spec)
         s = job.cfg.shrinkage
         model, spec = make_child(
             base_model, base_spec, ratios=row.get("ratios") or {}, min_channels=s.min_channels,

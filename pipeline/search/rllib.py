@@ -20,6 +20,7 @@ from ray.rllib.algorithms.appo import APPOConfig
 from ray.rllib.algorithms.ppo import PPOConfig
 
 from envs.graph import COL
+from pipeline.search.learner import APPROX_KL, CLIP_FRACTION, DiagnosedPPOLearner
 from pipeline.search.policies import module_spec
 from pipeline.search.records import ON_HEAD, RUNNER_CPUS, register_envs
 
@@ -87,8 +88,11 @@ def algo_config(settings: dict[str, Any], env_config: dict[str, Any] | None = No
         # Clipping alone bounds each update; PPO's adaptive KL penalty would slow a search
         # that gets only a few dozen episodes in all.
         config = config.training(
-            minibatch_size=batch, num_epochs=s["num_epochs"], lambda_=1.0, use_kl_loss=False
-        )
+            minibatch_size=batch,
+            num_epochs=s["num_epochs"],
+            lambda_=1.0,
+            use_kl_loss=False,
+        ).learners(learner_class=DiagnosedPPOLearner)
     else:
         config = config.training(
             vtrace=True, use_kl_loss=False, circular_buffer_iterations_per_batch=s["num_epochs"]
@@ -112,14 +116,26 @@ def trial_resources(settings: dict[str, Any]) -> tune.PlacementGroupFactory:
     return config.algo_class.default_resource_request(config)
 
 
+LEARNER_METRICS = {
+    "entropy": "entropy", APPROX_KL: APPROX_KL, CLIP_FRACTION: CLIP_FRACTION,
+    "vf_explained_var": "vf_explained_var", "policy_loss": "policy_loss", "vf_loss": "vf_loss",
+}  # fmt: skip
+"""The learner's health as RLlib (and :class:`DiagnosedPPOLearner`) reports it, by the name
+each iteration's record gives it (``learner_<name>``)."""
+
+
 def iteration_metrics(result: dict[str, Any], expected: int) -> dict[str, Any]:
+    """One iteration's record: episodes sampled against expected, the rewards, and the
+    learner's entropy, approximate KL, clip fraction and value-function explained variance."""
     runners = result.get("env_runners", {})
+    learner = (result.get("learners") or {}).get("default_policy") or {}
     return {
         "episodes": int(runners.get("num_episodes", 0) or 0),
         "episodes_expected": expected,
         "reward_mean": _num(runners.get("episode_return_mean")),
         "reward_max": _num(runners.get("episode_return_max")),
         "reward_min": _num(runners.get("episode_return_min")),
+        **{f"learner_{name}": _num(learner.get(key)) for name, key in LEARNER_METRICS.items()},
     }
 
 

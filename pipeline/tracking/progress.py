@@ -196,6 +196,7 @@ class StageMonitor:
             "rl_episodes": result.get("episodes"),
             "elapsed_s": round(self.clock.elapsed, 2),
             **stats,
+            **{k: v for k, v in result.items() if k.startswith("learner_")},
         }
         self.run_dir.append_iteration(row)
         self.committed[trial.trial_id] = step
@@ -248,4 +249,5 @@ def tracked_metrics(row: Mapping[str, Any]) -> dict[str, Any]:
         "cache_hits": "cache/hits", "failed": "children/failed", "episodes": "episodes/sampled",
         "episodes_expected": "episodes/expected",
     }  # fmt: skip
+    keys |= {key: key.replace("learner_", "learner/") for key in row if key.startswith("learner_")}
     return {name: row[key] for key, name in keys.items() if row.get(key) is not None}

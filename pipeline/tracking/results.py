@@ -222,6 +222,12 @@ class ResultLogging:
         ]
         if finite(summary.get("compression_ratio")):
             metrics.append(Metric("compression/ratio", float(summary["compression_ratio"]), 0, 0))
+        if budget := summary.get("budget"):
+            metrics.append(Metric("budget/met", float(bool(budget["met"])), 0, 0))
+            for key, n in budget["limits"].items():
+                metrics.append(Metric(f"budget/{key}", float(n), 0, 0))
+            for key, margin in budget.get("margin", {}).items():
+                metrics.append(Metric(f"budget/{key}_margin", float(margin), 0, 0))
         metrics = [Metric(m.key, m.value, now_ms(), 0) for m in metrics]
         self._call(lambda: self.client.log_batch(self.run_id, metrics), "log the results")
         for obj, path in ((dict(summary), "summary.json"), (dict(spec), "student/spec.json")):

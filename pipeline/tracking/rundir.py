@@ -39,6 +39,8 @@ ITERATION_COLUMNS = (
     "stage", "trial", "iteration", "episodes", "episodes_expected", "rl_episodes",
     "reward_mean", "reward_max", "reward_min", "best_reward", "best_compression",
     "best_accuracy", "children_total", "cache_hits", "failed", "elapsed_s",
+    "learner_entropy", "learner_approx_kl", "learner_clip_fraction", "learner_vf_explained_var",
+    "learner_policy_loss", "learner_vf_loss",
 )  # fmt: skip
 PARETO_COLUMNS = (
     "stage",

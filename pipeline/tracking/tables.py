@@ -51,7 +51,22 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             student,
             f"{ratio:.1f}x",
         )
+    if caption := budget_line(summary.get("budget")):
+        table.caption = caption
     return table
+
+
+def budget_line(budget: Mapping[str, Any] | None) -> str | None:
+    """One line on the run's budget: what it was, whether the student met it and by how much."""
+    if not budget:
+        return None
+    asked = ", ".join(f"{key} <= {n:,}" for key, n in budget["limits"].items())
+    if not budget.get("margin"):
+        return f"budget {asked}: no student within it"
+    how = ", ".join(
+        f"{key} {abs(m):.1%} {'under' if m >= 0 else 'over'}" for key, m in budget["margin"].items()
+    )
+    return f"budget {asked}: {'met' if budget['met'] else 'NOT met'} ({how})"
 
 
 def records_table(summary: dict[str, Any]) -> Any:
