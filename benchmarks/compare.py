@@ -1,26 +1,30 @@
-"""Head to head on one teacher: N2N (PPO, APPO), random search and the classic compressors.
+"""Head to head on one teacher, over seeds: N2N aimed at a budget against the classic methods.
 
-Every method starts from the same trained teacher, scores on the same validation split,
-ends with the same KD fine-tuning budget (``finetune.steps``) and is tested once on the same
-test split:
+Every method starts from the same trained teacher (its split fixed by ``data.split_seed``),
+scores on the same validation split, ends with the same fine-tuning recipe and is tested once
+on the same test split, at the same parameter budgets (teacher/10 and teacher/20 by default):
 
-- ``n2n-ppo`` / ``n2n-appo``: ``n2n run`` with RLlib PPO or APPO (removal, shrinkage,
-  fine-tuning of the top-k);
-- ``random``: random search with the same child budget (``n2n baseline random``);
-- ``structured-l1``, ``slimming``, ``kd-student``: at the parameter count the N2N (PPO)
-  student reached, and at 10x and 20x fewer parameters than the teacher;
-- ``l1-unstructured``: magnitude pruning over its sweep of amounts.
+- ``n2n-ppo`` (``n2n-appo``): ``n2n run --compression X`` with RLlib PPO (APPO), one search per
+  budget and seed: the search aims at the budget and picks its student within it;
+- ``random``: random search with the same child budget, per budget and seed;
+- ``slimming``, ``structured-l1``, ``kd-student``: both budgets in one run per seed;
+- ``slimming-eq``, ``structured-l1-eq``: the same, with the fine-tuning stretched so that the
+  method trains as many KD steps in all as the search did (the equal-cost row);
+- ``l1-unstructured``: magnitude pruning at the budgets' sparsity (not dense: shown apart).
+
+Seeds change the data order, the policy and the children's training; the teacher is fixed.
+Each (method, seed[, budget]) cell keeps its ``result.json`` and is not run again (``--fresh``
+reruns), so an interrupted benchmark continues where it stopped.
 
 Usage::
 
-    .venv/bin/python benchmarks/compare.py            # Fashion-MNIST, ResNet-18 (w 0.25) teacher
-    .venv/bin/python benchmarks/compare.py --quick    # digits, a few minutes (used by a test)
+    .venv/bin/python benchmarks/compare.py --teacher runs/teacher-fmnist-r18 --seeds 3
+    .venv/bin/python benchmarks/compare.py --quick      # digits, minutes (used by a test)
 
-Outputs in ``--out`` (default ``benchmarks/results/compare-<preset>``): ``table.md``,
-``results.json`` (every record, the machine, the settings), ``pareto.png`` (test accuracy
-against parameters, log scale), and one run directory per method. Everything is logged to
-MLflow as one parent run with a nested run per method. A method whose ``result.json`` exists
-is not run again (``--fresh`` reruns everything), so an interrupted benchmark continues.
+Outputs in ``--out``: ``table.md`` (mean ± std over seeds, the test set's standard error, the
+training cost), ``results.json`` (every record, the machine, the settings), ``pareto.png``
+(test accuracy against parameters) and ``curves.png`` (best search reward against children
+evaluated, PPO against random search), all logged to MLflow as one parent run.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -39,26 +46,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-logger = logging.getLogger("compare")
-
-METHODS = (
-    "n2n-ppo", "structured-l1", "slimming", "kd-student", "l1-unstructured", "random", "n2n-appo",
-)  # fmt: skip
-"""In the order they run: the N2N (PPO) student's size sets the budgeted methods' budget."""
-BUDGETED = ("structured-l1", "slimming", "kd-student")
-FULL_PRESET = "fashion-mnist-resnet18"
-QUICK_PRESET = "demo"
+SEARCHES = ("n2n-ppo", "n2n-appo", "random")
+CLASSIC = ("slimming", "structured-l1", "kd-student", "l1-unstructured")
+EQUAL_COST = ("slimming-eq", "structured-l1-eq")
+METHODS = (*SEARCHES, *CLASSIC, *EQUAL_COST)
+DEFAULT_METHODS = ("n2n-ppo", "random", "slimming", "structured-l1", "kd-student",
+                   "l1-unstructured", "slimming-eq", "structured-l1-eq")  # fmt: skip
+FULL_PRESET, QUICK_PRESET = "fashion-mnist-resnet18", "demo"
 QUICK_OVERRIDES = [
     "teacher.epochs=6", "distill.steps=40", "finetune.steps=120", "finetune.top_k=1",
     "removal.iterations=2", "removal.episodes_per_iteration=3",
     "shrinkage.iterations=2", "shrinkage.episodes_per_iteration=3",
-    "baseline.amounts=[0.5,0.9]", "baseline.sparsity_steps=20", "baseline.round_steps=20",
+    "baseline.sparsity_steps=20", "baseline.round_steps=20",
 ]  # fmt: skip
-"""``--quick``: the demo preset on digits, cut to a few minutes in all."""
-FULL_OVERRIDES = ["baseline.amounts=[0.8,0.95]"]
-"""The full run: l1-unstructured fine-tunes a dense teacher-sized model per amount (the most
-expensive student here), so its sweep is cut to two amounts to keep the benchmark near an
-hour; ``n2n baseline l1-unstructured`` sweeps the preset's whole list."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,136 +66,212 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="digits and tiny budgets (minutes)")
     p.add_argument("--preset", help=f"preset to compare on (default {FULL_PRESET})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated subset")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per method (0, 1, ...)")
+    p.add_argument("--single-seed", default="l1-unstructured,slimming-eq,structured-l1-eq",
+                   help="methods run at seed 0 only (marked so in the table)")  # fmt: skip
+    p.add_argument("--budgets", default="10,20", help="compression factors, teacher/X params")
     p.add_argument("--teacher", help="teacher checkpoint folder; default trains one into --out")
     p.add_argument("--out", help="output folder (default benchmarks/results/compare-<preset>)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default sqlite in --out)")
     p.add_argument("--experiment", default="n2n-compare", help="MLflow experiment")
-    p.add_argument("--fresh", action="store_true", help="rerun methods that already have results")
+    p.add_argument("--fresh", action="store_true", help="rerun cells that already have results")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
         p.error(f"--methods {','.join(unknown)} unknown; choose from {','.join(METHODS)}")
+    if args.seeds < 1:
+        p.error(f"--seeds {args.seeds} must be at least 1")
     return args
 
 
-def method_config(base: list[str], preset: str, method: str, teacher: Path, out: Path) -> Any:
-    """The run config of one method: the shared settings, its own run directory, no MLflow."""
+# --------------------------------------------------------------------------- one cell
+
+
+def cell_config(base: list[str], preset: str, method: str, seed: int, teacher: Path,
+                folder: Path, extra: list[str]) -> Any:  # fmt: skip
+    """The run config of one cell: the shared settings, its seed and folder, no MLflow."""
     from pipeline.config.presets import load_config
 
     algo = {"n2n-ppo": "ppo", "n2n-appo": "appo", "random": "random"}.get(method, "ppo")
     cfg = load_config(preset, [
-        *base, f"teacher.checkpoint={teacher}", f"output.run_dir={out / method}",
-        "tracking.enabled=false", f"search.algo={algo}", f"name=compare-{method}",
+        *base, f"teacher.checkpoint={teacher}", f"output.run_dir={folder}", f"seed={seed}",
+        "data.split_seed=0", "tracking.enabled=false", f"search.algo={algo}",
+        f"name=compare-{method}-s{seed}", *extra,
     ])  # fmt: skip
     return cfg.resolve_paths()
 
 
-def run_method(method: str, cfg: Any, splits: Any, targets: list[int] | None) -> dict[str, Any]:
-    """Runs one method; returns ``{"records", "wall_time_s", "child_evaluations", ...}``."""
+def run_cell(method: str, cfg: Any, splits: Any, targets: list[int] | None) -> dict[str, Any]:
+    """Runs one cell; returns its records, cost and wall time."""
     from rich.console import Console
 
     from pipeline.baselines.run import run_baseline, with_records
+    from pipeline.config.errors import NoFeasibleStudent
     from pipeline.job.run import run
 
     console = Console(highlight=False)
     started = time.monotonic()
-    if method.startswith("n2n-"):
-        summary = with_records(run(cfg, console=console, splits=splits), method)
+    if method in SEARCHES:
+        try:
+            summary = with_records(run(cfg, console=console, splits=splits), method)
+        except NoFeasibleStudent as err:  # recorded as the cell's failure, the others go on
+            from pipeline.tracking.rundir import RunDir
+
+            summary = {**RunDir(cfg.output.run_dir).summary(), "child_evaluations": 0,
+                       "records": [{"method": method, "label": "none", "error": str(err)}]}  # fmt: skip
     else:
-        summary = run_baseline(
-            cfg, method, console=console, splits=splits, targets=targets
-        )
+        summary = run_baseline(cfg, method.removesuffix("-eq"), console=console, splits=splits,
+                               targets=targets)  # fmt: skip
     return {
-        "method": method,
-        "records": summary["records"],
-        "child_evaluations": summary["child_evaluations"],
-        "wall_time_s": round(time.monotonic() - started, 1),
-        "teacher": summary["teacher"],
-        "summary": {k: v for k, v in summary.items() if k not in ("records", "students")},
-    }
+        "method": method, "seed": cfg.seed, "records": summary["records"],
+        "cost": summary.get("cost", {}), "child_evaluations": summary["child_evaluations"],
+        "wall_time_s": round(time.monotonic() - started, 1), "teacher": summary["teacher"],
+        "budget": summary.get("budget"),
+    }  # fmt: skip
 
 
-def table_rows(results: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per student worth comparing: a search's final student, each baseline record."""
+def search_curve(run_dir: Path) -> list[float]:
+    """Best search reward so far against children evaluated (both stages, in order)."""
+    from pipeline.tracking.rundir import RunDir
+
+    best, curve = -math.inf, []
+    for row in RunDir(run_dir).children():
+        if not row.get("error"):
+            best = max(best, float(row["reward"]))
+        curve.append(best)
+    return curve
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def rows_of(results: list[dict[str, Any]], teacher: dict[str, Any], budgets: list[int]) -> list:
+    """One row per (method, budget, seed): the student a method offers at that budget."""
     rows = []
-    for method, result in results.items():
+    for result in results:
         records = [r for r in result["records"] if not r.get("error")]
-        if method.startswith("n2n-") or method == "random":
-            records = [r for r in records if r.get("best")] or records[:1]
-        for r in records:
-            rows.append({
-                "method": method, "label": r["label"], "params": r["params"],
-                "nonzero_params": r["nonzero_params"], "compression": r["compression"],
-                "sparse_compression": r["sparse_compression"], "flops": r["flops"],
-                "val_accuracy": r["val_accuracy"], "test_accuracy": r["test_accuracy"],
-                "delta_points": 100 * (r["test_accuracy"] - teacher["test_accuracy"]),
-                "child_evaluations": r["child_evaluations"], "wall_time_s": r["wall_time_s"],
-                "method_wall_time_s": result["wall_time_s"],
-            })  # fmt: skip
+        for budget in budgets:
+            if result.get("budget_target") not in (None, budget):
+                continue
+            if result["method"] in SEARCHES:
+                mine = [r for r in records if r.get("best")]
+            elif result["method"] == "l1-unstructured":
+                mine = [min((r for r in records if r["nonzero_params"] <= budget),
+                            key=lambda r: abs(r["nonzero_params"] - budget), default=None)]  # fmt: skip
+            else:
+                mine = [r for r in records if r.get("target_params") == budget]
+            for r in [r for r in mine if r is not None]:
+                rows.append({
+                    "method": result["method"], "seed": result["seed"], "budget": budget,
+                    "params": r["params"], "nonzero_params": r["nonzero_params"],
+                    "flops": r["flops"], "val_accuracy": r["val_accuracy"],
+                    "test_accuracy": r["test_accuracy"],
+                    "delta_points": 100 * (r["test_accuracy"] - teacher["test_accuracy"]),
+                    "within": (r["nonzero_params"] if result["method"] == "l1-unstructured"
+                               else r["params"]) <= budget,
+                    "kd_steps": result["cost"].get("kd_steps"),
+                    "teacher_forwards": result["cost"].get("teacher_forwards"),
+                    "wall_time_s": result["wall_time_s"],
+                })  # fmt: skip
         for r in result["records"]:
             if r.get("error"):
-                rows.append({"method": method, "label": r["label"], "error": r["error"]})
+                rows.append({"method": result["method"], "seed": result["seed"],
+                             "error": r["error"]})  # fmt: skip
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], teacher: dict[str, Any]) -> str:
-    head = (
-        "| method | student | params | non-zero | smaller | FLOPs | val acc | test acc | "
-        "delta (pts) | child evals | wall time |\n"
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-    )
-    lines = [
-        f"| teacher | {teacher['arch']} | {teacher['params']:,} | {teacher['params']:,} | 1.0x | "
-        f"{teacher['flops']:,} | {teacher['val_accuracy']:.2%} | {teacher['test_accuracy']:.2%} "
-        "| 0.00 | - | - |"
-    ]
+def summarise(rows: list[dict[str, Any]], n_test: int) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds per (method, budget), with the test set's
+    standard error at the mean accuracy."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
-        if r.get("error"):
-            lines.append(f"| {r['method']} | {r['label']} | failed: {r['error'][:80]} |||||||||")
-            continue
-        smaller = f"{r['compression']:.1f}x"
-        if r["nonzero_params"] < r["params"]:
-            smaller += f" ({r['sparse_compression']:.1f}x sparse)"
+        if not r.get("error"):
+            groups.setdefault((r["method"], r["budget"]), []).append(r)
+    out = []
+    for (method, budget), rs in groups.items():
+        acc = [r["test_accuracy"] for r in rs]
+        mean = statistics.fmean(acc)
+        out.append({
+            "method": method, "budget": budget, "seeds": len(rs),
+            "params": statistics.fmean(r["params"] for r in rs),
+            "nonzero_params": statistics.fmean(r["nonzero_params"] for r in rs),
+            "within": all(r["within"] for r in rs),
+            "test_mean": mean, "test_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "delta_mean": statistics.fmean(r["delta_points"] for r in rs),
+            "test_se": math.sqrt(mean * (1 - mean) / n_test),
+            "kd_steps": statistics.fmean(r["kd_steps"] or 0 for r in rs),
+            "teacher_forwards": statistics.fmean(r["teacher_forwards"] or 0 for r in rs),
+            "wall_time_s": statistics.fmean(r["wall_time_s"] for r in rs),
+        })  # fmt: skip
+    return sorted(out, key=lambda s: (-s["budget"], -s["test_mean"]))
+
+
+def markdown(summary: list[dict[str, Any]], teacher: dict[str, Any]) -> str:
+    head = ("| budget | method | seeds | params | test acc (mean ± std) | delta (pts) | "
+            "KD steps | teacher fwd | wall time |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")  # fmt: skip
+    lines = [f"| - | teacher ({teacher['arch']}) | - | {teacher['params']:,} | "
+             f"{teacher['test_accuracy']:.2%} | 0.00 | - | - | - |"]  # fmt: skip
+    for s in summary:
+        params = f"{s['params']:,.0f}"
+        if s["nonzero_params"] < s["params"]:
+            params += f" ({s['nonzero_params']:,.0f} non-zero)"
+        note = "" if s["within"] else " (over budget)"
         lines.append(
-            f"| {r['method']} | {r['label']} | {r['params']:,} | {r['nonzero_params']:,} | "
-            f"{smaller} | {r['flops']:,} | {r['val_accuracy']:.2%} | {r['test_accuracy']:.2%} | "
-            f"{r['delta_points']:+.2f} | {r['child_evaluations']} | "
-            f"{_minutes(r['method_wall_time_s'])} |"
+            f"| <= {s['budget']:,} | {s['method']}{note} | {s['seeds']} | {params} | "
+            f"{s['test_mean']:.2%} ± {100 * s['test_std']:.2f} | {s['delta_mean']:+.2f} | "
+            f"{s['kd_steps']:,.0f} | {s['teacher_forwards']:,.0f} | "
+            f"{s['wall_time_s'] / 60:.1f} min |"
         )
-    return head + "\n".join(lines) + "\n"
+    se = summary[0]["test_se"] if summary else float("nan")
+    return "\n".join([head.rstrip("\n"), *lines]) + (
+        f"\n\nThe test set's standard error at these accuracies is about {100 * se:.2f} points.\n"
+    )
 
 
-def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
-
-
-def pareto_figure(rows: list[dict[str, Any]], teacher: dict[str, Any]) -> Any:
-    """Test accuracy against parameters (log scale); sparse models at their non-zero count."""
+def pareto_figure(summary: list[dict[str, Any]], teacher: dict[str, Any]) -> Any:
+    """Mean test accuracy (± std over seeds) against parameters, per method and budget."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 5), dpi=120)
     ax = fig.add_subplot()
-    markers = dict(zip(METHODS, "o^vsDPX", strict=True))
-    for method in METHODS:
-        sparse = method == "l1-unstructured"
-        mine = [r for r in rows if r["method"] == method and not r.get("error")]
-        mine.sort(key=lambda r: r["nonzero_params" if sparse else "params"])
+    for i, method in enumerate(METHODS):
+        mine = sorted((s for s in summary if s["method"] == method), key=lambda s: s["params"])
         if not mine:
             continue
-        xs = [r["nonzero_params" if sparse else "params"] for r in mine]
-        ys = [100 * r["test_accuracy"] for r in mine]
-        label = method + (" (non-zero params)" if sparse else "")
-        ax.plot(xs, ys, marker=markers[method], ls="-" if len(xs) > 1 else "", label=label,
-                mfc="none" if sparse else None)  # fmt: skip
+        sparse = method == "l1-unstructured"
+        xs = [s["nonzero_params" if sparse else "params"] for s in mine]
+        ax.errorbar(xs, [100 * s["test_mean"] for s in mine],
+                    yerr=[100 * s["test_std"] for s in mine], marker="o^vsDPXh"[i % 8],
+                    capsize=3, label=method + (" (non-zero params)" if sparse else ""))  # fmt: skip
     ax.scatter([teacher["params"]], [100 * teacher["test_accuracy"]], marker="*", s=220,
                color="gold", edgecolor="black", zorder=4, label="teacher")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("parameters (log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy against size on one teacher, equal fine-tuning budget")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title("At the same budgets, on one teacher, same fine-tuning")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(curves: dict[str, list[list[float]]]) -> Any:
+    """Best search reward against children evaluated, one line per seed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    for (label, runs), color in zip(sorted(curves.items()), ("C0", "C1", "C2", "C3", "C4", "C5"),
+                                    strict=False):  # fmt: skip
+        for i, curve in enumerate(runs):
+            ax.plot(range(1, len(curve) + 1), curve, color=color, alpha=0.8,
+                    label=label if i == 0 else None)  # fmt: skip
+    ax.set_xlabel("children evaluated")
+    ax.set_ylabel("best search reward so far")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -207,24 +283,20 @@ def machine() -> dict[str, Any]:
         (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
          if ln.startswith("model name")), platform.processor(),
     ) if Path("/proc/cpuinfo").is_file() else platform.processor()  # fmt: skip
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-            check=False,
-        ).stdout.strip()  # fmt: skip
-    except OSError:
-        commit = ""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
     return {
-        "cpus": os.cpu_count(), "cpu": cpu, "gpu": torch.cuda.is_available(),
-        "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "gpu": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M"),
-    }  # fmt: skip
+    }
 
 
-def log_mlflow(args: argparse.Namespace, out: Path, results: dict, rows: list, doc: dict) -> str:
-    """One parent run, a nested run per method; returns the parent run id."""
-    import mlflow
-
+def log_mlflow(args: argparse.Namespace, out: Path, doc: dict[str, Any]) -> str:
+    """One parent run with the table, plots and results; a nested run per (method, budget)."""
     from pipeline.tracking.tracker import Tracker
 
     uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
@@ -235,38 +307,31 @@ def log_mlflow(args: argparse.Namespace, out: Path, results: dict, rows: list, d
                                tags={"n2n.benchmark": "compare", "n2n.preset": doc["preset"]})  # fmt: skip
     pid = parent.info.run_id
     client.log_dict(pid, doc, "results.json")
-    for name in ("table.md", "pareto.png"):
-        client.log_artifact(pid, str(out / name))
-    for method, result in results.items():
-        run = client.create_run(tracker.experiment_id, run_name=method,
-                                tags={"mlflow.parentRunId": pid, "n2n.method": method})  # fmt: skip
-        rid = run.info.run_id
-        client.log_param(rid, "method", method)
-        best = next((r for r in rows if r["method"] == method and not r.get("error")), None)
-        metrics = {
-            "wall_time_s": result["wall_time_s"],
-            "child_evaluations": result["child_evaluations"],
-        }
-        if best is not None:
-            metrics |= {"student/params": best["params"], "student/accuracy": best["test_accuracy"],
-                        "student/val_accuracy": best["val_accuracy"],
-                        "compression/ratio": best["compression"]}  # fmt: skip
-        for key, value in metrics.items():
-            client.log_metric(rid, key, float(value))
-        client.log_dict(rid, {"records": result["records"]}, "records.json")
-        client.set_terminated(rid, "FINISHED")
+    for name in ("table.md", "pareto.png", "curves.png"):
+        if (out / name).is_file():
+            client.log_artifact(pid, str(out / name))
+    for s in doc["summary"]:
+        run = client.create_run(
+            tracker.experiment_id, run_name=f"{s['method']} <= {s['budget']}",
+            tags={"mlflow.parentRunId": pid, "n2n.method": s["method"], "n2n.budget": str(s["budget"])},
+        )  # fmt: skip
+        for key in ("test_mean", "test_std", "delta_mean", "params", "kd_steps", "wall_time_s"):
+            client.log_metric(run.info.run_id, key, float(s[key]))
+        client.set_terminated(run.info.run_id, "FINISHED")
     client.set_terminated(pid, "FINISHED")
-    mlflow.set_tracking_uri(uri)
     return pid
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    for key, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                       ("RAY_AIR_NEW_OUTPUT", "0"),
+                       ("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")):  # fmt: skip
+        os.environ.setdefault(key, value)
     from rich.console import Console
 
     from pipeline.cluster.runtime import init_ray
@@ -275,10 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.teachers import prepare_teacher
 
     preset = args.preset or (QUICK_PRESET if args.quick else FULL_PRESET)
-    base = [*(QUICK_OVERRIDES if args.quick else FULL_OVERRIDES), *args.overrides]
+    base = [*(QUICK_OVERRIDES if args.quick else []), *args.overrides]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"compare-{preset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(preset, base)
+    cfg = load_config(preset, [*base, "data.split_seed=0"])
     console = Console(highlight=False)
     started = time.monotonic()
     init_ray(cfg)
@@ -287,47 +352,72 @@ def main(argv: list[str] | None = None) -> int:
     if not (teacher_dir / "weights.pt").is_file():
         console.print(f"[bold]teacher[/]: training {cfg.teacher.arch} into {teacher_dir}")
         prepare_teacher(cfg, splits, teacher_dir, progress=True)
-
+    teacher_params = json.loads((teacher_dir / "metrics.json").read_text())["params"]
+    factors = [float(f) for f in args.budgets.split(",")]
+    budgets = [int(teacher_params / f) for f in factors]
+    single = set(args.single_seed.split(","))
     methods = [m for m in METHODS if m in args.methods.split(",")]
-    results: dict[str, dict[str, Any]] = {}
+
+    results: list[dict[str, Any]] = []
+    curves: dict[str, list[list[float]]] = {}
     for method in methods:
-        result_file = out / method / "result.json"
-        if result_file.is_file() and not args.fresh:
-            results[method] = json.loads(result_file.read_text())
-            console.print(f"[bold]{method}[/]: reusing {result_file}")
-            continue
-        if (out / method).exists():
-            import shutil
+        for seed in range(1 if method in single else args.seeds):
+            cells = ([(f"{method}/x{f:g}/s{seed}", [f"budget.compression={f}"], b)
+                      for f, b in zip(factors, budgets, strict=True)]
+                     if method in SEARCHES else [(f"{method}/s{seed}", [], None)])  # fmt: skip
+            for name, extra, budget in cells:
+                folder = out / name
+                result_file = folder / "result.json"
+                if result_file.is_file() and not args.fresh:
+                    result = json.loads(result_file.read_text())
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    extra = [*extra, *equal_cost(method, out, seed, factors)]
+                    if method == "l1-unstructured":
+                        extra.append(f"baseline.amounts={[round(1 - 1 / f, 4) for f in factors]}")
+                    console.rule(name)
+                    ccfg = cell_config(base, preset, method, seed, teacher_dir, folder / "run",
+                                       extra)  # fmt: skip
+                    result = run_cell(method, ccfg, splits, None if budget else budgets)
+                    result["budget_target"] = budget
+                    if method in SEARCHES:
+                        result["curve"] = search_curve(folder / "run")
+                    folder.mkdir(parents=True, exist_ok=True)
+                    result_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+                results.append(result)
+                if method in SEARCHES and budget == budgets[0]:
+                    curves.setdefault(f"{method} (<= {budget:,})", []).append(result["curve"])
 
-            shutil.rmtree(out / method)
-        mcfg = method_config(base, preset, method, teacher_dir, out)
-        targets = None
-        if method in BUDGETED:  # the N2N student's size, and 10x / 20x (baseline.compression)
-            teacher_params = json.loads((teacher_dir / "metrics.json").read_text())["params"]
-            targets = mcfg.baseline.targets(teacher_params)
-            n2n = results.get("n2n-ppo")
-            if n2n is not None:
-                best = next(r for r in n2n["records"] if r.get("best"))
-                targets = sorted({best["params"], *targets}, reverse=True)
-        console.rule(method)
-        results[method] = run_method(method, mcfg, splits, targets)
-        result_file.write_text(json.dumps(results[method], indent=2, default=str) + "\n")
-
-    teacher = next(iter(results.values()))["teacher"] if results else {}
-    rows = table_rows(results, teacher)
-    (out / "table.md").write_text(markdown(rows, teacher))
-    pareto_figure(rows, teacher).savefig(out / "pareto.png")
-    doc = {
-        "preset": preset, "overrides": base, "machine": machine(), "teacher": teacher,
-        "rows": rows, "methods": {m: {k: v for k, v in r.items() if k != "records"}
-                                  for m, r in results.items()},
-        "wall_time_s": round(time.monotonic() - started, 1),
-    }  # fmt: skip
+    teacher = results[0]["teacher"] if results else {}
+    rows = rows_of(results, teacher, budgets)
+    summary = summarise(rows, len(splits.test[1]))
+    (out / "table.md").write_text(markdown(summary, teacher))
+    pareto_figure(summary, teacher).savefig(out / "pareto.png")
+    if curves:
+        curves_figure(curves).savefig(out / "curves.png")
+    doc = {"preset": preset, "overrides": base, "budgets": budgets, "seeds": args.seeds,
+           "machine": machine(), "teacher": teacher, "rows": rows, "summary": summary,
+           "wall_time_s": round(time.monotonic() - started, 1)}  # fmt: skip
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    run_id = log_mlflow(args, out, results, rows, doc)
+    run_id = log_mlflow(args, out, doc)
     console.print((out / "table.md").read_text())
     console.print(f"results in {out}; MLflow parent run {run_id}")
     return 0
+
+
+def equal_cost(method: str, out: Path, seed: int, factors: list[float]) -> list[str]:
+    """For an ``-eq`` method: each student's fine-tuning stretched to the KD steps one N2N (PPO)
+    search of this seed trained in all (children, sparsity phase and students; the mean over
+    the budgets), so the classic method trains at least as much per student as the search."""
+    if not method.endswith("-eq"):
+        return []
+    steps = []
+    for f in factors:
+        result = out / f"n2n-ppo/x{f:g}/s{seed}/result.json"
+        if not result.is_file():
+            raise SystemExit(f"{method} needs n2n-ppo's results first ({result}); run it before")
+        steps.append(json.loads(result.read_text())["cost"]["kd_steps"])
+    return [f"finetune.steps={int(statistics.fmean(steps))}"]
 
 
 if __name__ == "__main__":

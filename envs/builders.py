@@ -23,6 +23,7 @@ from torch import nn
 
 from envs.graph import LAYER_TYPES, trace
 from envs.models import ZOO
+from envs.snapshot import SNAPSHOT, rebuild
 
 
 def resolve_arch(arch: str) -> Callable[..., nn.Module]:
@@ -57,6 +58,8 @@ def build_model(arch_spec: dict[str, Any]) -> nn.Module:
     if not isinstance(arch_spec, dict) or "arch" not in arch_spec:
         raise ValueError(f"architecture spec {arch_spec!r} needs an 'arch' key")
     arch = arch_spec["arch"]
+    if arch == SNAPSHOT:  # a model without a builder, described by envs.snapshot
+        return rebuild(arch_spec["snapshot"])
     model = _call(arch, resolve_arch(arch), dict(arch_spec.get("kwargs") or {}))
     for path, sizes in (arch_spec.get("adapt") or {}).items():
         _set_layer(model, path, _resized(model.get_submodule(path), **sizes))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torchvision import models
 
@@ -304,3 +305,55 @@ def test_a_builder_in_the_current_directory_reaches_every_ray_worker(
     monkeypatch.delitem(sys.modules, "mynets", raising=False)
     spec = _check_finished(run_dir, "mynets:tiny")
     assert spec["base"]["kwargs"] == {"num_classes": 10} and "adapt" not in spec["base"]
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: torchvision.models.resnet18(num_classes=10),
+     lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25)],
+    ids=["resnet18", "mobilenet_v2"],
+)  # fmt: skip
+def test_a_model_without_a_builder_round_trips_as_a_snapshot(build, tmp_path):
+    """An in-memory model is described as JSON (layers and fx forward source), rebuilt equal,
+    and its children reload from spec.json + weights.pt alone."""
+    import json
+
+    from envs.snapshot import SNAPSHOT, snapshot
+
+    torch.manual_seed(0)
+    model = build().eval()
+    base = {"arch": SNAPSHOT, "kwargs": {}, "input_shape": [3, 32, 32],
+            "snapshot": json.loads(json.dumps(snapshot(model)))}  # fmt: skip
+    rebuilt = build_model(base)
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(rebuilt.eval()(x), model(x), atol=1e-6)
+    shrinkable = [u.name for u in analyze(rebuilt, [3, 32, 32]).units if u.shrinkable]
+    child, spec = make_child(rebuilt, teacher_spec(base), ratios={shrinkable[0]: 0.5})
+    save_checkpoint(tmp_path / "child", child, spec)
+    assert torch.allclose(load_checkpoint(tmp_path / "child").model(x), child.eval()(x))
+    assert count_params(child) < count_params(model)
+
+
+def test_a_snapshot_refuses_what_it_cannot_describe():
+    from envs.snapshot import snapshot
+
+    class Custom(torch.nn.Module):  # a layer outside torch.nn
+        def forward(self, x):
+            return x * 2
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+            self.scale = torch.nn.Parameter(torch.ones(1))  # a parameter outside a layer
+            self.custom = Custom()
+
+        def forward(self, x):
+            return self.custom(self.conv(x)) * self.scale
+
+    with pytest.raises(ValueError, match="holds \\['scale'\\] outside its layers"):
+        snapshot(Holder())

@@ -55,6 +55,10 @@ class Context:
     """Object-store reference to the teacher, run on augmented batches (``finetune.augment``)."""
     evaluations: int = 0
     """KD trainings run so far (the methods' "child evaluations")."""
+    kd_steps: int = 0
+    """KD steps of every training so far (sparsity phase, rounds, fine-tuning)."""
+    teacher_forwards: int = 0
+    """Teacher forward passes on augmented batches (its cached logits are counted apart)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _surgery_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -92,6 +96,8 @@ class Context:
         model.load_state_dict(out.pop("state_dict"))
         with self._lock:
             self.evaluations += 1
+            self.kd_steps += int(out["kd_steps"])
+            self.teacher_forwards += int(out.get("teacher_forwards") or 0)
         return out
 
 

@@ -178,6 +178,10 @@ def _summary(
         "records": records,
         "student": max(good, key=lambda r: r["reward"]) if good else None,
         "child_evaluations": ctx.evaluations,
+        "cost": {
+            "kd_steps": ctx.kd_steps,
+            "teacher_forwards": len(ctx.splits.train[1]) + ctx.teacher_forwards,
+        },
         "failed": len(records) - len(good),
         "wall_time_s": round(wall, 1),
     }

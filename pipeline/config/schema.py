@@ -61,10 +61,17 @@ class DataConfig(_Section):
     image_size: PositiveInt = Field(
         32, description="Side length images are resized to (imagefolder only)."
     )
+    split_seed: int | None = Field(
+        None,
+        ge=0,
+        description="Seed of the train/validation split; None uses the run's seed. Fix it to "
+        "compare seeds of a search on one teacher (whose split it must be).",
+    )
 
     def as_kwargs(self, seed: int) -> dict[str, Any]:
         """Keyword arguments of ``pipeline.data.datasets.load_dataset``."""
-        return {**self.model_dump(), "seed": seed}
+        values = self.model_dump(exclude={"split_seed"})
+        return {**values, "seed": self.split_seed if self.split_seed is not None else seed}
 
 
 class TeacherConfig(_Section):

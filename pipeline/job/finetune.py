@@ -140,7 +140,8 @@ def finetune(
             "compression": 1.0 - costs["params"] / teacher["params"],
             "val_accuracy": out["val_accuracy"], "test_accuracy": out["test_accuracy"],
             "reward": float(reward_fn(score)), "search_reward": row["reward"],
-            "search_accuracy": row["accuracy"], "kd_steps": out["kd_steps"], "wall_time_s": out["wall_time_s"],
+            "search_accuracy": row["accuracy"], "kd_steps": out["kd_steps"],
+            "teacher_forwards": out.get("teacher_forwards", 0), "wall_time_s": out["wall_time_s"],
         }  # fmt: skip
         save_checkpoint(job.run_dir.file(f"students/{rank}"), model, spec, metrics)
         students.append(metrics)

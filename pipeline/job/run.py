@@ -227,6 +227,7 @@ def _summary(
         "dataset": job.cfg.data.name,
         "algo": job.cfg.search.algo,
         "budget": budget_report(job.limits, student),
+        "cost": training_cost(job, rows, students),
         "teacher": teacher,
         "student": student,
         "students": students,
@@ -273,4 +274,22 @@ def _infeasible_summary(job: Job, rows: list[dict[str, Any]], wall: float) -> di
         "smallest_child": min(good, key=lambda r: r["params"])["params"] if good else None,
         "children": {"evaluated": len(rows)},
         "wall_time_s": round(wall, 1),
+    }
+
+
+def training_cost(
+    job: Job, rows: list[dict[str, Any]], students: list[dict[str, Any]]
+) -> dict[str, int]:
+    """What the run trained, to compare methods at their cost: KD steps of every child trained
+    (cache hits cost nothing), of the sparsity phase and of the fine-tuned students, and the
+    teacher's forward passes (its cached logits count once per training image)."""
+    children = sum(int(r.get("kd_steps") or 0) for r in rows if not r.get("cache_hit"))
+    sparsity = int((job.source.facts.get("kd_steps") or 0) if job.source else 0)
+    finetuning = sum(int(s.get("kd_steps") or 0) for s in students)
+    forwards = len(job.splits.train[1]) + sum(int(s.get("teacher_forwards") or 0) for s in students)
+    return {
+        "kd_steps": children + sparsity + finetuning,
+        "kd_steps_children": children,
+        "kd_steps_students": finetuning + sparsity,
+        "teacher_forwards": forwards,
     }
