@@ -36,18 +36,41 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
     """
     gm = trace(model)
     python = gm.graph.python_code(root_module="self")
-    unknown = sorted(set(python.globals) - set(_forward_globals()))
-    if unknown:
-        raise ValueError(
-            f"the forward of {type(model).__name__} calls {unknown}, which a snapshot cannot "
-            "name; give a builder 'package.module:callable' instead (teacher.arch)"
-        )
-    return {"modules": _describe(gm, "", type(model).__name__), "code": python.src}
+    names = {}  # what else the generated forward names: torch's own objects only
+    for key, value in python.globals.items():
+        if key in _forward_globals():
+            continue
+        if isinstance(value, str):  # an annotation kept as text (from __future__ annotations)
+            names[key] = {"text": value}
+            continue
+        module = getattr(value, "__module__", None) or ""
+        qualname = getattr(value, "__qualname__", None)
+        if not (module == "torch" or module.startswith("torch.")) or qualname is None:
+            raise ValueError(
+                f"the forward of {type(model).__name__} calls {key} ({value!r}), which a "
+                "snapshot cannot name; give a builder 'package.module:callable' instead "
+                "(teacher.arch)"
+            )
+        names[key] = {"import": f"{module}:{qualname}"}
+    return {"modules": _describe(gm, "", type(model).__name__), "code": python.src,
+            "names": names}  # fmt: skip
 
 
 def rebuild(description: dict[str, Any]) -> nn.Module:
     """A freshly initialised network from :func:`snapshot`'s description."""
     namespace = dict(_forward_globals())
+    for key, name in description.get("names", {}).items():
+        if "text" in name:
+            namespace[key] = str(name["text"])
+            continue
+        path = name["import"]
+        module, _, qualname = path.partition(":")
+        if not (module == "torch" or module.startswith("torch.")):
+            raise ValueError(f"snapshot name {key} = {path!r} is not one of torch's")
+        value = importlib.import_module(module)
+        for part in qualname.split("."):
+            value = getattr(value, part)
+        namespace[key] = value
     exec(compile(description["code"], "<n2n snapshot>", "exec"), namespace)  # noqa: S102
     cls = type("Snapshot", (nn.Module,), {"forward": namespace["forward"]})
     root = cls()

@@ -41,8 +41,12 @@ class DataConfig(_Section):
     """The dataset children are trained and scored on (see ``pipeline.data.datasets.load_dataset``)."""
 
     name: Literal[
-        "digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder"
-    ] = Field("digits", description="Dataset name.")
+        "digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder", "arrays"
+    ] = Field(
+        "digits",
+        description="Dataset name; arrays is a folder of train/val/test .npz files (the Python "
+        "API writes one for data given in memory).",
+    )
     root: str | None = Field(
         None, description="Folder holding the dataset; None uses the dataset's default location."
     )

@@ -18,6 +18,7 @@ Supported names:
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,11 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package installs the idx files."""
 DEFAULT_ROOT = Path("data")
 """Default root for torchvision datasets, relative to the working directory."""
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")
+DATASETS = (
+    "digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder", "arrays",
+)  # fmt: skip
+ARRAY_FILES = {"train": "train.npz", "val": "val.npz", "test": "test.npz"}
+"""The files of an ``arrays`` dataset (written by :func:`save_arrays`), each with ``x`` and ``y``."""
 
 _TEST_SEED = 12345
 """Seed of the digits test split: fixed, so that no run seed can move test images into train."""
@@ -109,6 +114,8 @@ def load_dataset(
         if value is not None and value < 1:
             raise ValueError(f"{label} {value!r} must be a positive number of examples or None")
 
+    if name == "arrays":
+        return load_arrays(root)
     if name == "digits":
         (x_tr, y_tr), (x_te, y_te) = _digits()
     elif name == "fashion-mnist":
@@ -151,6 +158,46 @@ def load_dataset(
     )
     logger.info("loaded %s", splits.describe())
     return splits
+
+
+def save_arrays(
+    root: str | Path,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    num_classes: int,
+) -> Path:
+    """Writes in-memory splits (``train``, ``val`` and optionally ``test``, each ``(x, y)``
+    arrays already prepared for the model) as an ``arrays`` dataset in folder ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, (x, y) in splits.items():
+        np.savez(root / ARRAY_FILES[split], x=np.asarray(x, np.float32), y=np.asarray(y, np.int64))
+    (root / "meta.json").write_text(json.dumps({"num_classes": int(num_classes)}) + "\n")
+    return root
+
+
+def load_arrays(root: str | Path | None) -> Splits:
+    """An ``arrays`` dataset (see :func:`save_arrays`) as :class:`Splits`, unchanged: the
+    images are used as given (no split, no normalisation). Without a test split the
+    validation split stands in for it, and the summary's test accuracy is a validation one."""
+    if root is None:
+        raise ValueError("dataset 'arrays' needs root=FOLDER holding train.npz and val.npz")
+    root = Path(root)
+    missing = [f for s, f in ARRAY_FILES.items() if s != "test" and not (root / f).is_file()]
+    if missing or not (root / "meta.json").is_file():
+        raise ValueError(
+            f"arrays dataset {root} lacks {missing or ['meta.json']}; write it with save_arrays"
+        )
+    arrays = {}
+    for split, file in ARRAY_FILES.items():
+        path = root / (file if (root / file).is_file() else ARRAY_FILES["val"])
+        with np.load(path) as data:
+            arrays[split] = (torch.from_numpy(data["x"]), torch.from_numpy(data["y"]))
+    x = arrays["train"][0]
+    return Splits(
+        name="arrays", train=arrays["train"], val=arrays["val"], test=arrays["test"],
+        num_classes=int(json.loads((root / "meta.json").read_text())["num_classes"]),
+        input_shape=tuple(int(d) for d in x.shape[1:]),
+    )  # fmt: skip
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
