@@ -54,6 +54,10 @@ def check_run(cfg: RunConfig, resume: bool) -> None:
         raise PreflightError(
             f"search.evaluator {cfg.search.evaluator!r} cannot be imported; use 'package.module:Class'"
         ) from None
+    # Here, not at the top: RLlib takes seconds to import (see check_teacher).
+    from pipeline.search.transfer import check_transfer
+
+    check_transfer(cfg)  # a policy that cannot start this run's search
     check_address(cfg.ray.address)
     if problem := cluster_paths_problem(cfg):  # inside a Ray job: results must outlive it
         raise PreflightError(problem)

@@ -144,6 +144,8 @@ def job_command(
     flags += forwarded(args)
     if args.storage_path:
         flags += ["--storage-path", cfg.output.storage_path]
+    if cfg.search.policy_from and not args.resume:  # absolute: the job runs elsewhere
+        flags += ["--set", f"search.policy_from={cfg.search.policy_from}"]
     return run_command(
         cfg.output.run_dir, resume=bool(args.resume), preset=preset, flags=flags,
         tracking=tracking_flags(cfg.tracking.enabled, cfg.tracking.uri),

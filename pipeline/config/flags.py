@@ -92,6 +92,11 @@ FLAGS: tuple[Flag, ...] = (
          type=None, value="false", commands=RUNS, forward=True),
     Flag("--skip-shrinkage", "skip stage 2 (shrinkage.enabled=false)",
          keys=("shrinkage.enabled",), type=None, value="false", commands=RUNS, forward=True),
+    Flag("--policy-from", "start each stage's policy from this earlier run's (policy transfer; "
+         "search.policy_from)", keys=("search.policy_from",), metavar="RUN_DIR", commands=RUNS),
+    Flag("--freeze-policy", "with --policy-from: evaluate the transferred policy, do not train "
+         "it (search.freeze_policy)", keys=("search.freeze_policy",), type=None, commands=RUNS,
+         forward=True),
     Flag("--resume", "continue an interrupted run from its directory", metavar="RUN_DIR",
          commands=RUNS, resumable=True),
     Flag("--params", "the most parameters the student may have (budget.params): the search "

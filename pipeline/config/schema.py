@@ -279,6 +279,14 @@ class SearchConfig(_Section):
         default_factory=dict,
         description="Extra keyword arguments for the evaluator (merged over the derived ones).",
     )
+    policy_from: str | None = Field(
+        None,
+        description="Start each stage's policy from the final policy of the same stage of this "
+        "earlier run directory (policy transfer, n2n run --policy-from).",
+    )
+    freeze_policy: bool = Field(
+        False, description="With policy_from: evaluate the transferred policy without training it."
+    )
     sparsity_steps: int = Field(
         0,
         ge=0,
@@ -542,6 +550,11 @@ class RunConfig(_Section):
                     f"search.env_runners={runners}: PPO splits each batch evenly between env "
                     "runners; change one of them"
                 )
+        if self.search.freeze_policy and self.search.policy_from is None:
+            raise ValueError(
+                "search.freeze_policy needs search.policy_from (--policy-from RUN_DIR): there is "
+                "no policy to evaluate"
+            )
         timeout = self.search.sample_timeout_s
         if timeout is not None and timeout < self.distill.timeout_s:
             raise ValueError(
@@ -571,6 +584,8 @@ class RunConfig(_Section):
             out.output.run_dir = str(Path("runs") / f"{out.name}-{stamp}")
         run_dir = Path(out.output.run_dir).expanduser().resolve()
         out.output.run_dir = str(run_dir)
+        if out.search.policy_from is not None:
+            out.search.policy_from = str(Path(out.search.policy_from).expanduser().resolve())
         if out.output.storage_path is None:
             out.output.storage_path = str(run_dir / "tune")
         elif "://" not in out.output.storage_path:

@@ -39,6 +39,8 @@ class Job:
     source: Teacher | None = None
     """The network children are cut from: the teacher, or its copy trained with a sparsity
     penalty on BatchNorm scales (``search.sparsity_steps``); the teacher stays the KD target."""
+    policies: dict[str, str] = field(default_factory=dict)
+    """The transferred policy each stage starts from (``search.policy_from``), by stage."""
     limits: dict[str, int] = field(default_factory=dict)
     """The run's budget as counts (``{"params": N, "flops": F}``); empty without one."""
 

@@ -38,6 +38,7 @@ from pipeline.job.finetune import finetune, top_candidates, within
 from pipeline.job.sparsity import sparse_source
 from pipeline.job.stages import best_row, make_evaluator, rebuild_child, search_stage, stage_start
 from pipeline.search.records import STAGES, child_log
+from pipeline.search.transfer import check_transfer, source_record
 from pipeline.tracking.progress import Clock, tracked_metrics
 from pipeline.tracking.rundir import RunDir
 from pipeline.tracking.tracker import Tracker
@@ -76,6 +77,10 @@ def open_job(
         job.say(f"[bold]budget[/]: {asked} (reward {job.reward()['name']})")
     if cfg.search.sparsity_steps > 0:
         job.source = sparse_source(job)
+    job.policies = check_transfer(cfg)
+    if job.policies:
+        how = "evaluated as it is" if cfg.search.freeze_policy else "trained on from there"
+        job.say(f"[bold]policy[/]: from {cfg.search.policy_from} ({how})")
     return job
 
 
@@ -87,6 +92,10 @@ def _open_tracking(cfg: RunConfig, run_dir: RunDir, tracker: Tracker, teacher: T
     limits = cfg.budget.limits(teacher.facts["params"], teacher.facts["flops"])
     if limits:
         tags["budget"] = ", ".join(f"{key} <= {n}" for key, n in limits.items())
+    if source := transfer_record(cfg):
+        tags["policy_from"] = source["run_dir"]
+        tags["policy_from_run"] = source["mlflow_run_id"] or ""
+        tags["policy_frozen"] = str(source["frozen"]).lower()
     kwargs = {"dataset": cfg.data.name, "tags": tags}
     earlier = run_dir.state().get("mlflow") or {}
     if earlier.get("run_id") and earlier.get("uri") == tracker.safe_uri:
@@ -228,6 +237,7 @@ def _summary(
         "algo": job.cfg.search.algo,
         "budget": budget_report(job.limits, student),
         "cost": training_cost(job, rows, students),
+        "policy_from": transfer_record(job.cfg),
         "teacher": teacher,
         "student": student,
         "students": students,
@@ -293,3 +303,10 @@ def training_cost(
         "kd_steps_students": finetuning + sparsity,
         "teacher_forwards": forwards,
     }
+
+
+def transfer_record(cfg: RunConfig) -> dict[str, Any] | None:
+    """Where the run's policies came from (``search.policy_from``), or None."""
+    if cfg.search.policy_from is None:
+        return None
+    return {**source_record(cfg.search.policy_from), "frozen": cfg.search.freeze_policy}

@@ -91,7 +91,7 @@ def search_stage(job: Job, stage: str, start: str | None, resume: bool) -> list[
     probe.close()
     settings = stage_settings(
         stage, cfg.search, cfg.stage(stage), config, units, choices, cfg.seed, job.log_name,
-        cfg.rollout_timeout_s(stage),
+        cfg.rollout_timeout_s(stage), job.policies.get(stage),
     )  # fmt: skip
     monitor = StageMonitor(stage, job.log, job.run_dir, job.clock, job.console, job.tracker)
     job.say(

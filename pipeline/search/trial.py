@@ -23,6 +23,7 @@ from pipeline.search import trial_state
 from pipeline.search.random_search import random_search
 from pipeline.search.records import LOG_KEY, TRIAL_KEY, runner_cpus
 from pipeline.search.rllib import algo_config, episode_length, iteration_metrics, trial_resources
+from pipeline.search.transfer import start_from
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ def stage_trainable(config: dict[str, Any]) -> None:
     start, best = trial_state.restore(lambda folder: algo.restore_from_path(folder / "algo"))
     if start:
         logger.info("restored %s trial at iteration %d", settings["stage"], start)
+    elif settings.get("policy_from"):
+        start_from(algo, settings["policy_from"])
     try:
         for iteration in range(start + 1, settings["iterations"] + 1):
             _seed_iteration(algo, trial_state.iteration_seed(settings["seed"], iteration))
@@ -87,6 +90,7 @@ def stage_settings(
     seed: int,
     log_name: str,
     sample_timeout_s: float,
+    policy_from: str | None = None,
 ) -> dict[str, Any]:
     """The JSON-able settings of one stage trial (Tune's ``param_space``).
 
@@ -100,6 +104,9 @@ def stage_settings(
         seed: the run's seed.
         log_name: name of the run's :class:`ChildLog` actor.
         sample_timeout_s: RLlib's wait for one iteration's rollouts (``RunConfig.rollout_timeout_s``).
+        policy_from: the transferred policy's weights the trial starts from (``pipeline.search
+            .transfer``); with ``search.freeze_policy`` its learning rate is 0, so it is only
+            evaluated.
     """
     return {
         "stage": stage,
@@ -111,7 +118,8 @@ def stage_settings(
         "sample_timeout_s": sample_timeout_s,
         "iterations": stage_cfg.iterations,
         "episodes_per_iteration": stage_cfg.episodes_per_iteration,
-        "lr": stage_cfg.lr,
+        "lr": 0.0 if policy_from and search.freeze_policy else stage_cfg.lr,
+        "policy_from": policy_from,
         "entropy_coeff": stage_cfg.entropy_coeff,
         "num_epochs": stage_cfg.num_epochs,
         "seed": seed,
