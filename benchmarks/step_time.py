@@ -5,7 +5,7 @@ with ``ray.cpus_per_child: 1``): forward, backward and an SGD step. The two memo
 alternate, three rounds of ten timed steps each after three warm-up steps, and the median of
 each round's median is kept, so that load elsewhere on the machine moves both sides alike.
 
-A model that ``pipeline.children.distill.channels_last_is_safe`` refuses (a strided 1x1 conv with few
+A model that ``pipeline.torch_utils.channels_last_is_safe`` refuses (a strided 1x1 conv with few
 input channels, where oneDNN's channels-last weight gradient is broken) trains in NCHW in the
 pipeline, so only its NCHW step is measured: timing the broken kernel would crash, or time a
 wrong result.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from envs.builders import build_model  # noqa: E402
 from envs.spec import base_spec, teacher_spec  # noqa: E402
 from envs.surgery import analyze, make_child  # noqa: E402
-from pipeline.children.distill import channels_last_is_safe  # noqa: E402
+from pipeline.torch_utils import channels_last_is_safe  # noqa: E402
 
 MODELS = [
     ("resnet18 w0.25, 28x28", "resnet18", 0.25, [1, 28, 28], None),

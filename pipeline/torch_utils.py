@@ -99,3 +99,26 @@ def model_device(model: nn.Module) -> torch.device:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def channels_last_is_safe(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``model`` may train in channels-last on ``device``.
+
+    On x86 CPUs, oneDNN's 1x1 convolution weight gradient with a stride above 1 and fewer input
+    channels (per group) than its channel block (8 with AVX2, 16 with AVX-512) writes past its
+    workspace when the source is channels-last (uxlfoundation/oneDNN#6035; reproduced with the
+    oneDNN of torch 2.14.1): the worker dies of heap corruption, or the gradients are wrong.
+    Shrunk children meet that case (a ResNet downsample narrowed to a few channels), so such a
+    model trains in NCHW on the CPU, where oneDNN uses its blocked layout and is correct.
+    """
+    if device.type != "cpu":
+        return True
+    for module in model.modules():
+        if (
+            isinstance(module, nn.Conv2d)
+            and all(k == 1 for k in module.kernel_size)
+            and any(s > 1 for s in module.stride)
+            and module.in_channels // module.groups < 16
+        ):
+            return False
+    return True

@@ -16,16 +16,11 @@ from torch import nn
 
 from envs.costs import count_params
 from envs.surgery import make_child
-from pipeline.children.distill import (
-    ChildTimeoutError,
-    NonFiniteLossError,
-    channels_last_is_safe,
-    distill,
-)
+from pipeline.children.distill import ChildTimeoutError, NonFiniteLossError, distill
 from pipeline.children.kd import KDSettings, kd_loss, l2_loss, teacher_logits
 from pipeline.data.datasets import load_dataset
 from pipeline.data.teachers import load_teacher
-from pipeline.torch_utils import evaluate_accuracy, measure_latency
+from pipeline.torch_utils import channels_last_is_safe, evaluate_accuracy, measure_latency
 
 REDUCED = {
     "remove": ["features.6"],

@@ -22,7 +22,13 @@ from torch import nn
 
 from pipeline.children.kd import KDSettings, kd_loss, l2_loss, make_optimizer, make_scheduler
 from pipeline.data.augment import augment
-from pipeline.torch_utils import evaluate_accuracy, resolve_device, seed_everything, sync
+from pipeline.torch_utils import (
+    channels_last_is_safe,
+    evaluate_accuracy,
+    resolve_device,
+    seed_everything,
+    sync,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -340,29 +346,6 @@ def _after_step(
     if checkpoint:
         run.curve.append((run.step, val.accuracy(run.student)))
         run.stopped = on_checkpoint is not None and bool(on_checkpoint(*run.curve[-1]))
-
-
-def channels_last_is_safe(model: nn.Module, device: torch.device) -> bool:
-    """Whether ``model`` may train in channels-last on ``device``.
-
-    On x86 CPUs, oneDNN's 1x1 convolution weight gradient with a stride above 1 and fewer input
-    channels (per group) than its channel block (8 with AVX2, 16 with AVX-512) writes past its
-    workspace when the source is channels-last (uxlfoundation/oneDNN#6035; reproduced with the
-    oneDNN of torch 2.14.1): the worker dies of heap corruption, or the gradients are wrong.
-    Shrunk children meet that case (a ResNet downsample narrowed to a few channels), so such a
-    model trains in NCHW on the CPU, where oneDNN uses its blocked layout and is correct.
-    """
-    if device.type != "cpu":
-        return True
-    for module in model.modules():
-        if (
-            isinstance(module, nn.Conv2d)
-            and all(k == 1 for k in module.kernel_size)
-            and any(s > 1 for s in module.stride)
-            and module.in_channels // module.groups < 16
-        ):
-            return False
-    return True
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:

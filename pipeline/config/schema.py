@@ -109,6 +109,9 @@ class TeacherConfig(_Section):
     augment: Literal["none", "shift", "flip", "shift+flip"] = Field(
         "none", description="Teacher training augmentation, per image (random shifts, flips)."
     )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing of the teacher's cross-entropy."
+    )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
 
     @field_validator("kwargs")

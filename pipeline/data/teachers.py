@@ -29,7 +29,13 @@ from envs.spec import teacher_spec
 from pipeline.config.schema import RunConfig
 from pipeline.data.augment import AUGMENTATIONS, augment
 from pipeline.data.datasets import Splits
-from pipeline.torch_utils import evaluate_accuracy, model_device, resolve_device, seed_everything
+from pipeline.torch_utils import (
+    channels_last_is_safe,
+    evaluate_accuracy,
+    model_device,
+    resolve_device,
+    seed_everything,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +144,11 @@ def train_teacher(
     model = build_model(base)
     device = resolve_device(cfg.device)
     model.to(device)
+    # Channels-last trains CNNs 1.3-1.6x faster on the CPU (benchmarks/step_time.py), except
+    # where oneDNN's kernel is broken (see channels_last_is_safe).
+    channels_last = splits.train[0].dim() == 4 and channels_last_is_safe(model, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
 
     x, y = splits.train
     batch = min(cfg.batch_size, len(y))
@@ -167,7 +178,9 @@ def train_teacher(
     with Progress(progress, total, f"teacher {base['arch']} on {splits.name}") as shown:
         for epoch in range(1, epochs + 1):
             steps = min(per_epoch, total - step)
-            loss = train_one_epoch(model, x, y, optimizer, schedule, cfg, generator, steps, shown)
+            loss = train_one_epoch(
+                model, x, y, optimizer, schedule, cfg, generator, steps, shown, channels_last
+            )
             step += steps
             shown.epoch(epoch, epochs, loss, time.perf_counter() - start)
     wall = time.perf_counter() - start
@@ -205,6 +218,7 @@ def train_one_epoch(
     generator: torch.Generator,
     steps: int,
     progress: Progress,
+    channels_last: bool = False,
 ) -> float:
     """``steps`` optimiser steps over a fresh random order of the training data; returns the
     mean loss of the epoch."""
@@ -216,6 +230,8 @@ def train_one_epoch(
     for b in range(steps):
         idx = order[b * batch : (b + 1) * batch]
         xb = augment(x[idx], cfg.augment, generator).to(device)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(model(xb), y[idx].to(device), label_smoothing=cfg.label_smoothing)
         if not math.isfinite(loss.item()):
             raise ValueError(
@@ -310,7 +326,8 @@ def prepare_teacher(
         t = cfg.teacher
         settings = TeacherTraining(
             epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr,
-            weight_decay=t.weight_decay, augment=t.augment, seed=cfg.seed, device=t.device,
+            weight_decay=t.weight_decay, augment=t.augment, label_smoothing=t.label_smoothing,
+            seed=cfg.seed, device=t.device,
         )  # fmt: skip
         train_teacher(t.arch_spec(), splits, settings, out_dir=path, progress=progress)
     checkpoint = load_teacher(path, splits)
