@@ -34,6 +34,7 @@ from envs.checkpoint import load_checkpoint, save_checkpoint
 from envs.snapshot import SNAPSHOT, snapshot
 from envs.spec import teacher_spec
 from pipeline.cluster import preflight
+from pipeline.config import environment
 from pipeline.config.presets import DEFAULT_PRESET, load_config
 from pipeline.config.schema import RunConfig
 from pipeline.data.datasets import save_arrays
@@ -167,6 +168,8 @@ def _prepare(
     name: str = "python",
 ) -> tuple[RunConfig, Any]:
     """Checks the inputs, writes data and teacher into the run directory; the run's config."""
+    environment.apply()
+    environment.quiet_ray_loggers()
     if not isinstance(model, nn.Module):
         raise ValueError(f"model is a {type(model).__name__}, not a torch.nn.Module")
     data = {"train": as_arrays(train, "train"), "val": as_arrays(val, "val")}

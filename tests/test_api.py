@@ -235,3 +235,21 @@ def test_a_run_started_from_a_script_continues_with_n2n_run_resume(tmp_path: Pat
     assert summary["budget"]["met"]
     student = load_checkpoint(run_dir / "best", num_classes=10).model
     assert count_params(student) == summary["student"]["params"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_the_readme_example_runs_as_written(tmp_path: Path):
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("### From Python\n\n```python\n")[1].split("```")[0]
+    (tmp_path / "example.py").write_text(code)
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    params, run_dir = proc.stdout.split()[-2:]
+    best = load_checkpoint(Path(run_dir) / "best", num_classes=10)
+    assert count_params(best.model) == int(params)
+    teacher = load_checkpoint(Path(run_dir) / "teacher", num_classes=10)
+    assert int(params) <= count_params(teacher.model) / 4  # compression=4, met
+    assert "Configuration for experiment" not in proc.stdout + proc.stderr  # no Tune tables

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import environment
 from pipeline.config.errors import NoFeasibleStudent
 from pipeline.config.exits import Exit, epilog
 from pipeline.config.flags import UsageError, add_flags, config_from_args, overrides
@@ -108,14 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 
 
-def _quiet_ray(verbose: bool) -> None:
-    """Keeps Ray's own warnings off the progress lines (``import ray`` resets these levels)."""
-    import ray  # noqa: F401
-
-    for noisy in ("ray.rllib", "ray.tune", "ray.train"):
-        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
-
-
 def _console(quiet: bool) -> Any:
     """Where progress lines go: None (logged instead) with ``--quiet``."""
     from rich.console import Console
@@ -130,7 +123,7 @@ def _open(args: argparse.Namespace, cfg: Any, resume: bool = False) -> Any:
 
     args.run_dir_resolved = cfg.output.run_dir
     preflight.check_run(cfg, resume)
-    _quiet_ray(args.verbose)
+    environment.quiet_ray_loggers(args.verbose)
     splits = load_splits(cfg)
     preflight.check_teacher(cfg, splits)
     return splits
@@ -246,14 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # Our progress lines replace Tune's status tables; per-iteration checkpoints are intended.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Save Tune's experiment state after every event (it is small): a killed driver then
-    # resumes from the iteration it last recorded instead of one replayed from an older state.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    environment.apply()
     sigterm = StopOnSigterm()
     sigterm.install()
     try:
