@@ -1,0 +1,325 @@
+"""How the search scales, by simulation: N logical Ray nodes on this machine, the real search
+machinery, children that sleep instead of training.
+
+A Ray cluster of N worker nodes (``ray.cluster_utils.Cluster``, ``--slots`` CPUs and fake GPUs
+each) and a head with no CPU (as the chart's) runs the real search: a Tune trial of RLlib PPO
+with one env runner per child in flight, the KD evaluator's Ray tasks with their
+Fashion-MNIST data and teacher-logit payload in the object store, the reward cache and child
+log actors, the run directory and MLflow (a local SQLite store). Only the KD training inside
+each child's task is replaced by a sleep of ``--seconds`` and a synthetic accuracy
+(:class:`SleepEvaluator`). For each (nodes, child duration) it measures:
+
+- children per second against the ideal ``nodes * slots / duration``;
+- the per-child overhead of the path, submit -> result -> recorded (a child's wall time as
+  the env saw it, less its sleep);
+- head memory (driver, child log and reward cache actors, resident set) and the bytes each
+  child's task carries through the object store, per recorded child;
+- on how many nodes the data and teacher logits live at the end (once per node is the goal);
+- where time goes at the largest N: Ray's timeline (actor methods, tasks) and a profile of
+  the driver.
+
+Usage::
+
+    .venv/bin/python benchmarks/scale.py                 # the sweep (see --nodes, --seconds)
+    .venv/bin/python benchmarks/scale.py --quick         # 2 nodes, a few dozen children (a test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import ray  # noqa: E402
+
+from envs.evaluation import Child, ChildResult  # noqa: E402
+from pipeline.children.evaluator import KDEvaluator  # noqa: E402
+
+EVALUATOR = "benchmarks.scale:SleepEvaluator"
+
+
+@ray.remote(max_retries=0)
+def sleep_child(payload: dict[str, Any], params: int, seconds: float) -> ChildResult:
+    """A child task that holds the real payload (fetched to its node like a real child's)
+    and sleeps instead of training; its accuracy is a smooth function of its size."""
+    started = time.time()
+    assert payload["teacher_logits"].shape[0] == payload["train_x"].shape[0]
+    time.sleep(seconds)
+    return ChildResult(
+        accuracy=0.95 - 0.2 / (1 + params / 20_000),
+        wall_time_s=time.time() - started,
+        extra={
+            "node": ray.get_runtime_context().get_node_id(),
+            "task_start": started,
+            "task_end": time.time(),
+        },  # fmt: skip
+    )
+
+
+PAYLOADS: list[Any] = []
+"""The payload references the driver's evaluator made (kept to find their copies after)."""
+
+
+class SleepEvaluator(KDEvaluator):
+    """:class:`KDEvaluator` whose child task sleeps ``child_seconds`` instead of training."""
+
+    def __init__(self, child_seconds: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.child_seconds = float(child_seconds)
+
+    def prepare(self) -> SleepEvaluator:
+        fresh = not self.prepared
+        super().prepare()
+        if fresh and isinstance(self.payload, ray.ObjectRef):
+            PAYLOADS.append(self.payload)
+        return self
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "child_seconds": self.child_seconds}
+
+    def _submit(self, child: Child, cache: Any) -> Any:
+        return sleep_child.options(
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, scheduling_strategy="DEFAULT",
+        ).remote(self.payload, child.params, self.child_seconds)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- one point
+
+
+def rss(pid: int) -> int:
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def head_processes() -> dict[str, int]:
+    """PIDs of the driver and the run's actors (child log, reward cache)."""
+    from ray.util.state import list_actors
+
+    pids = {"driver": os.getpid()}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+        if actor.class_name in ("ChildLog", "RewardCache"):
+            pids[actor.class_name] = actor.pid
+    return pids
+
+
+def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path,
+              teacher: Path, profile: bool) -> dict[str, Any]:  # fmt: skip
+    """Runs one search on a fresh cluster of ``nodes`` worker nodes; returns its figures."""
+    from ray.cluster_utils import Cluster
+
+    from pipeline.config.presets import load_config
+    from pipeline.job.run import run
+    from pipeline.tracking.rundir import RunDir
+    from pipeline.tracking.tracker import tracker_for
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 400 * 1024**2, "include_dashboard": False,
+    })  # fmt: skip
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=slots, num_gpus=slots, object_store_memory=300 * 1024**2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    folder = out / f"n{nodes}-s{seconds:g}"
+    runners = nodes * slots
+    cfg = load_config("fashion-mnist-resnet18", [
+        f"teacher.checkpoint={teacher}", f"output.run_dir={folder / 'run'}",
+        f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "tracking.experiment=n2n-scale",
+        f"name=scale-n{nodes}-s{seconds:g}", "removal.enabled=false",
+        f"shrinkage.iterations={iterations}", f"shrinkage.episodes_per_iteration={runners}",
+        f"search.env_runners={runners}", f"search.evaluator={EVALUATOR}",
+        f"search.evaluator_kwargs={{child_seconds: {seconds}, teacher_accuracy: 0.95}}",
+        "distill.early_stop=false",
+        "ray.cpus_per_child=1", "ray.gpus_per_child=1", "finetune.top_k=1",
+        "finetune.steps=1", "shrinkage.entropy_coeff=0.05",
+    ]).resolve_paths()  # fmt: skip
+    # Fine-tuning is not part of the search path: one step keeps its cost out of the figures.
+    profiler = cProfile.Profile() if profile else None
+    before: dict[str, int] = {}
+    marks: dict[str, float] = {}
+
+    from pipeline.tracking import progress
+
+    original = progress.StageMonitor.__init__
+
+    def measured_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)  # the search starts: the actors exist, Ray is warm
+        before.update({k: rss(p) for k, p in head_processes().items()})
+        marks["search_start"] = time.monotonic()
+        if profiler is not None:
+            profiler.enable()
+
+    progress.StageMonitor.__init__ = measured_init
+    started = time.monotonic()
+    try:
+        with tracker_for(cfg) as tracker:
+            summary = run(cfg, tracker=tracker)
+            marks["search_end"] = time.monotonic()
+            after = {k: rss(p) for k, p in head_processes().items()}
+    finally:
+        progress.StageMonitor.__init__ = original
+        if profiler is not None:
+            profiler.disable()
+    rows = RunDir(folder / "run").children("shrinkage")
+    trained = [r for r in rows if not r["cache_hit"] and not r["error"]]
+    timeline = folder / "timeline.json"
+    ray.timeline(filename=str(timeline))
+    payload_nodes = payload_locations()
+    ray.shutdown()
+    cluster.shutdown()
+
+    search_s = marks["search_end"] - marks["search_start"]
+    overheads = [r["wall_time_s"] - seconds for r in trained]
+    point = {
+        "nodes": nodes, "slots": slots, "child_s": seconds, "children": len(rows),
+        "trained": len(trained), "cache_hits": sum(bool(r["cache_hit"]) for r in rows),
+        "failed": sum(bool(r["error"]) for r in rows), "search_s": round(search_s, 1),
+        "children_per_s": len(rows) / search_s, "ideal_per_s": nodes * slots / seconds,
+        "overhead_ms_median": 1000 * statistics.median(overheads) if overheads else None,
+        "overhead_ms_p90": 1000 * quantile(overheads, 0.9) if overheads else None,
+        "head_bytes_per_child": {k: (after.get(k, 0) - before.get(k, 0)) / max(len(rows), 1)
+                                 for k in before},  # fmt: skip
+        "task_arg_bytes_per_child": child_arg_bytes(cfg),
+        "payload_copies": payload_nodes,
+        "wall_s": round(time.monotonic() - started, 1),
+        "summary_children": summary["children"],
+    }  # fmt: skip
+    point["efficiency"] = point["children_per_s"] / point["ideal_per_s"]
+    point["time_by_name"] = time_by_name(timeline)
+    if profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
+        (folder / "driver_profile.txt").write_text(text.getvalue())
+    (folder / "point.json").write_text(json.dumps(point, indent=2, default=str) + "\n")
+    return point
+
+
+def payload_locations() -> int | None:
+    """On how many nodes the evaluator's payload (data + teacher logits) has a copy now."""
+    if not PAYLOADS:
+        return None
+    locations = ray.experimental.get_object_locations(PAYLOADS[-1:])
+    nodes = len(next(iter(locations.values())).get("node_ids", []))
+    PAYLOADS.clear()
+    return nodes
+
+
+def child_arg_bytes(cfg: Any) -> int:
+    """The bytes one child's task carries besides the payload: its network, pickled."""
+    import pickle
+
+    from envs.checkpoint import load_checkpoint
+    from envs.surgery import analyze, make_child
+
+    teacher = load_checkpoint(cfg.teacher.checkpoint)
+    units = [u.name for u in analyze(teacher.model, [1, 28, 28]).units if u.shrinkable]
+    child, _ = make_child(teacher.model, teacher.spec, ratios=dict.fromkeys(units, 0.5))
+    return len(pickle.dumps(child))
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def time_by_name(timeline: Path) -> dict[str, dict[str, float]]:
+    """Seconds and calls per task or actor method in Ray's timeline (Chrome trace events)."""
+    events = json.loads(timeline.read_text())
+    total: dict[str, list[float]] = defaultdict(list)
+    for event in events:
+        if event.get("ph") == "X" and "dur" in event:
+            total[event.get("name", "?")].append(event["dur"] / 1e6)
+    ranked = sorted(total.items(), key=lambda kv: -sum(kv[1]))[:15]
+    return {name: {"seconds": round(sum(d), 2), "calls": len(d)} for name, d in ranked}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 nodes, a few dozen children")
+    p.add_argument("--nodes", default="1,2,4,8", help="worker node counts to sweep")
+    p.add_argument("--seconds", default="0.5,5", help="child durations to sweep")
+    p.add_argument("--slots", type=int, default=4, help="children at once per node")
+    p.add_argument("--iterations", type=int, default=10, help="search iterations per point")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale"))
+    args = p.parse_args(argv)
+    from pipeline.config import environment
+
+    environment.apply()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    environment.quiet_ray_loggers()
+    if args.quick:
+        args.nodes, args.seconds, args.slots, args.iterations = "2", "0.5", 2, 6
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = make_teacher(out)
+    nodes = [int(n) for n in args.nodes.split(",")]
+    points = []
+    for seconds in [float(s) for s in args.seconds.split(",")]:
+        for n in nodes:
+            print(f"nodes {n}, children of {seconds:g} s ...", flush=True)
+            point = one_point(n, args.slots, seconds, args.iterations, out, teacher,
+                              profile=n == max(nodes))  # fmt: skip
+            points.append(point)
+            print(f"  {point['children']} children in {point['search_s']} s: "
+                  f"{point['children_per_s']:.2f}/s of {point['ideal_per_s']:.2f} ideal "
+                  f"({point['efficiency']:.0%}), overhead {point['overhead_ms_median']:.0f} ms",
+                  flush=True)  # fmt: skip
+    doc = {"points": points, "machine": {"cpus": os.cpu_count()}, "slots": args.slots}
+    (out / "scale.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(table(points))
+    return 0
+
+
+def make_teacher(out: Path) -> Path:
+    """An (untrained) ResNet-18 w0.25 teacher for Fashion-MNIST: its size sets the payload's
+    and the children's; its accuracy does not matter to a sleeping child."""
+    import torch
+
+    from envs.builders import build_model
+    from envs.checkpoint import save_checkpoint
+    from envs.spec import teacher_spec
+
+    folder = out / "teacher"
+    if not (folder / "weights.pt").is_file():
+        base = {"arch": "resnet18", "kwargs": {"num_classes": 10, "in_channels": 1, "width": 0.25},
+                "input_shape": [1, 28, 28]}  # fmt: skip
+        torch.manual_seed(0)
+        save_checkpoint(folder, build_model(base), teacher_spec(base),
+                        {"val_accuracy": 0.9, "test_accuracy": 0.9})  # fmt: skip
+    return folder
+
+
+def table(points: list[dict[str, Any]]) -> str:
+    lines = ["| nodes | child | children | children/s | ideal | efficiency | overhead (median, p90) "
+             "| head bytes / child |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for p in points:
+        head = sum(v for v in p["head_bytes_per_child"].values())
+        lines.append(
+            f"| {p['nodes']} | {p['child_s']:g} s | {p['children']} | {p['children_per_s']:.2f} | "
+            f"{p['ideal_per_s']:.2f} | {p['efficiency']:.0%} | {p['overhead_ms_median']:.0f} ms, "
+            f"{p['overhead_ms_p90']:.0f} ms | {head:,.0f} B |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
