@@ -10,7 +10,6 @@ it costs a few copies of the batch, not a Python loop over images.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 AUGMENTATIONS = ("none", "shift", "flip", "shift+flip")
 
@@ -19,7 +18,7 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
     """``x`` (``[N, C, H, W]``) with each image shifted and/or flipped at random.
 
     ``"shift"`` moves each image by up to an eighth of its side (at least one pixel) in each
-    direction, filling with zeros; ``"flip"`` mirrors half of the images left to right.
+    direction, filling with the background; ``"flip"`` mirrors half of the images left to right.
     """
     if mode not in AUGMENTATIONS:
         raise ValueError(f"augmentation {mode!r} is not one of {AUGMENTATIONS}")
@@ -34,9 +33,15 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
 
 
 def random_shift(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image cropped at a random offset from its copy zero-padded by ``pad`` pixels."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
+    """Each image cropped at a random offset from its copy padded by ``pad`` pixels.
+
+    The padding is each channel's lowest value in the batch, the background of normalised
+    images (black), not 0, which after normalisation is the mean grey.
+    """
+    n, c, h, w = x.shape
+    fill = x.transpose(0, 1).reshape(c, -1).min(dim=1).values
+    padded = fill.view(1, c, 1, 1).expand(n, c, h + 2 * pad, w + 2 * pad).clone()
+    padded[:, :, pad : pad + h, pad : pad + w] = x
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
     out = torch.empty_like(x)
     keys = offsets[:, 0] * (2 * pad + 1) + offsets[:, 1]
