@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "today: cosine, lr 0.05": {},
+    "today (cosine, lr 0.05)": {},
     "+ shift+flip": {"augment": "shift+flip"},
     "+ shift": {"augment": "shift"},
     "+ warm-up 5%": {"warmup": 0.05},
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default=None)
     p.add_argument("--teacher", help="teacher checkpoint folder (trained when missing)")
     p.add_argument("--ratio", type=float, default=0.3, help="uniform keep-ratio of the student")
-    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset")
+    p.add_argument("--recipes", default=";".join(RECIPES), help="semicolon-separated subset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({teacher.facts['params'] / params:.1f}x fewer than the teacher)", flush=True)  # fmt: skip
 
     refs = {}
-    for name in args.recipes.split(","):
+    for name in args.recipes.split(";"):
         change = dict(RECIPES[name])
         factor = change.pop("steps_factor", 1)
         raw = cfg.model_dump()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import io
 import json
 import os
@@ -76,9 +77,11 @@ PAYLOADS: list[Any] = []
 class SleepEvaluator(KDEvaluator):
     """:class:`KDEvaluator` whose child task sleeps ``child_seconds`` instead of training."""
 
-    def __init__(self, child_seconds: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, child_seconds: float = 0.5, record_to: str | None = None,
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(**kwargs)
         self.child_seconds = float(child_seconds)
+        self.record_to = record_to
 
     def prepare(self) -> SleepEvaluator:
         fresh = not self.prepared
@@ -88,7 +91,18 @@ class SleepEvaluator(KDEvaluator):
         return self
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "child_seconds": self.child_seconds}
+        return {**super().config(), "child_seconds": self.child_seconds,
+                "record_to": self.record_to}  # fmt: skip
+
+    def evaluate_many(self, children: list[Child]) -> list[ChildResult]:
+        """Times the whole path (cache look-up, submit, wait, result) for the benchmark."""
+        started = time.perf_counter()
+        results = super().evaluate_many(children)
+        if self.record_to:
+            path = Path(self.record_to) / f"paths-{os.getpid()}.txt"
+            with path.open("a") as fh:
+                fh.write(f"{time.perf_counter() - started:.6f}\n")
+        return results
 
     def _submit(self, child: Child, cache: Any) -> Any:
         return sleep_child.options(
@@ -109,13 +123,18 @@ def rss(pid: int) -> int:
 
 
 def head_processes() -> dict[str, int]:
-    """PIDs of the driver and the run's actors (child log, reward cache)."""
-    from ray.util.state import list_actors
+    """PIDs of the driver and the run's actors on the head (child log, reward cache)."""
+    from pipeline.children.cache import DEFAULT_CACHE_NAME
+    from pipeline.search.records import LOG_NAMESPACE
 
     pids = {"driver": os.getpid()}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")]):
-        if actor.class_name in ("ChildLog", "RewardCache"):
-            pids[actor.class_name] = actor.pid
+    for info in ray.util.list_named_actors(all_namespaces=True):
+        name, namespace = info["name"], info["namespace"]
+        kind = ("ChildLog" if name.startswith("children-") and namespace == LOG_NAMESPACE
+                else "RewardCache" if name.startswith(DEFAULT_CACHE_NAME) else None)  # fmt: skip
+        if kind:
+            actor = ray.get_actor(name, namespace=namespace)
+            pids[kind] = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
     return pids
 
 
@@ -130,7 +149,7 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
     from pipeline.tracking.tracker import tracker_for
 
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 400 * 1024**2, "include_dashboard": False,
+        "num_cpus": 0, "object_store_memory": 400 * 1024**2, "include_dashboard": True,
     })  # fmt: skip
     for _ in range(nodes):
         cluster.add_node(num_cpus=slots, num_gpus=slots, object_store_memory=300 * 1024**2)
@@ -141,40 +160,58 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
         f"teacher.checkpoint={teacher}", f"output.run_dir={folder / 'run'}",
         f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "tracking.experiment=n2n-scale",
         f"name=scale-n{nodes}-s{seconds:g}", "removal.enabled=false",
+        f"removal.episodes_per_iteration={runners}",
         f"shrinkage.iterations={iterations}", f"shrinkage.episodes_per_iteration={runners}",
         f"search.env_runners={runners}", f"search.evaluator={EVALUATOR}",
-        f"search.evaluator_kwargs={{child_seconds: {seconds}, teacher_accuracy: 0.95}}",
+        f"search.evaluator_kwargs={{child_seconds: {seconds}, teacher_accuracy: 0.95, "
+        f"cache: false, record_to: '{folder}'}}",
         "distill.early_stop=false",
         "ray.cpus_per_child=1", "ray.gpus_per_child=1", "finetune.top_k=1",
         "finetune.steps=1", "shrinkage.entropy_coeff=0.05",
     ]).resolve_paths()  # fmt: skip
     # Fine-tuning is not part of the search path: one step keeps its cost out of the figures.
     profiler = cProfile.Profile() if profile else None
-    before: dict[str, int] = {}
+    samples: list[tuple[int, dict[str, int]]] = []  # (children recorded, RSS per process)
     marks: dict[str, float] = {}
+    pids: dict[str, int] = {}
 
+    from pipeline.job import run as job_run
     from pipeline.tracking import progress
 
-    original = progress.StageMonitor.__init__
+    init, on_result, top = (progress.StageMonitor.__init__, progress.StageMonitor.on_result,
+                            job_run.top_candidates)  # fmt: skip
+
+    def sample(children: int) -> None:
+        samples.append((children, {k: rss(pid) for k, pid in pids.items()}))
 
     def measured_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)  # the search starts: the actors exist, Ray is warm
-        before.update({k: rss(p) for k, p in head_processes().items()})
+        init(self, *args, **kwargs)  # the search starts: its actors exist, Ray is warm
+        pids.update(head_processes())
         marks["search_start"] = time.monotonic()
+        sample(0)
         if profiler is not None:
             profiler.enable()
 
-    progress.StageMonitor.__init__ = measured_init
+    def measured_result(self: Any, trial: Any, result: dict) -> None:
+        on_result(self, trial, result)
+        sample(len(self.all_rows))
+
+    def search_done(*args: Any, **kwargs: Any) -> Any:
+        if "search_end" not in marks:
+            marks["search_end"] = time.monotonic()
+            if profiler is not None:
+                profiler.disable()
+        return top(*args, **kwargs)
+
+    progress.StageMonitor.__init__, progress.StageMonitor.on_result = measured_init, measured_result
+    job_run.top_candidates = search_done
     started = time.monotonic()
     try:
         with tracker_for(cfg) as tracker:
             summary = run(cfg, tracker=tracker)
-            marks["search_end"] = time.monotonic()
-            after = {k: rss(p) for k, p in head_processes().items()}
     finally:
-        progress.StageMonitor.__init__ = original
-        if profiler is not None:
-            profiler.disable()
+        progress.StageMonitor.__init__, progress.StageMonitor.on_result = init, on_result
+        job_run.top_candidates = top
     rows = RunDir(folder / "run").children("shrinkage")
     trained = [r for r in rows if not r["cache_hit"] and not r["error"]]
     timeline = folder / "timeline.json"
@@ -184,16 +221,28 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
     cluster.shutdown()
 
     search_s = marks["search_end"] - marks["search_start"]
-    overheads = [r["wall_time_s"] - seconds for r in trained]
+    paths = [float(x) for f in folder.glob("paths-*.txt") for x in f.read_text().split()]
+    overheads = [p - seconds for p in paths]
+    iters = RunDir(folder / "run").iterations()
+    iterations_s = [float(r["elapsed_s"]) for r in iters]
+    counts = [int(r["children_total"]) for r in iters]
+    # Steady state: from the end of the first iteration (env runners started, payload on the
+    # nodes) to the end of the last.
+    steady = (
+        (counts[-1] - counts[0]) / (iterations_s[-1] - iterations_s[0]) if len(iters) > 1 else 0
+    )
+    per_iteration = [b - a - seconds for a, b in zip(iterations_s, iterations_s[1:], strict=False)]
     point = {
         "nodes": nodes, "slots": slots, "child_s": seconds, "children": len(rows),
         "trained": len(trained), "cache_hits": sum(bool(r["cache_hit"]) for r in rows),
         "failed": sum(bool(r["error"]) for r in rows), "search_s": round(search_s, 1),
-        "children_per_s": len(rows) / search_s, "ideal_per_s": nodes * slots / seconds,
+        "children_per_s": steady, "children_per_s_with_startup": len(rows) / search_s,
+        "ideal_per_s": nodes * slots / seconds, "startup_s": iterations_s[0] if iters else None,
         "overhead_ms_median": 1000 * statistics.median(overheads) if overheads else None,
         "overhead_ms_p90": 1000 * quantile(overheads, 0.9) if overheads else None,
-        "head_bytes_per_child": {k: (after.get(k, 0) - before.get(k, 0)) / max(len(rows), 1)
-                                 for k in before},  # fmt: skip
+        "iteration_overhead_s_median": statistics.median(per_iteration) if per_iteration else None,
+        "head_bytes_per_child": growth(samples),
+        "head_rss_mb": {k: v / 2**20 for k, v in samples[-1][1].items()} if samples else {},
         "task_arg_bytes_per_child": child_arg_bytes(cfg),
         "payload_copies": payload_nodes,
         "wall_s": round(time.monotonic() - started, 1),
@@ -209,13 +258,29 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
     return point
 
 
+def growth(samples: list[tuple[int, dict[str, int]]]) -> dict[str, float]:
+    """Bytes per recorded child each head process grows by: the least-squares slope of its
+    resident set against children recorded, after the first iterations (start-up)."""
+    points = samples[2:] if len(samples) > 3 else samples
+    out: dict[str, float] = {}
+    for key in points[0][1] if points else []:
+        xs = [n for n, _ in points]
+        ys = [m[key] for _, m in points]
+        mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+        var = sum((x - mean_x) ** 2 for x in xs)
+        cov = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+        out[key] = cov / var if var else 0.0
+    return out
+
+
 def payload_locations() -> int | None:
     """On how many nodes the evaluator's payload (data + teacher logits) has a copy now."""
-    if not PAYLOADS:
+    payloads = importlib.import_module("benchmarks.scale").PAYLOADS  # the driver's evaluator's
+    if not payloads:
         return None
-    locations = ray.experimental.get_object_locations(PAYLOADS[-1:])
+    locations = ray.experimental.get_object_locations(payloads[-1:])
     nodes = len(next(iter(locations.values())).get("node_ids", []))
-    PAYLOADS.clear()
+    payloads.clear()
     return nodes
 
 

@@ -4,6 +4,7 @@ and the children rebuilt from their records.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
@@ -31,11 +32,13 @@ def make_evaluator(
 ) -> tuple[tuple[str, dict[str, Any]], Any]:
     """The child evaluator as (import path, kwargs) for env_config, and the driver's instance.
 
-    The KD evaluator is prepared here, once: its data and teacher logits go to the object
-    store and its reward cache persists in ``RUN_DIR/cache.sqlite``.
+    The KD evaluator (or a subclass of it) is prepared here, once: its data and teacher logits
+    go to the object store and its reward cache persists in ``RUN_DIR/cache.sqlite``.
     """
     path = cfg.search.evaluator
-    if path != KD_EVALUATOR:
+    module, _, name = path.partition(":")
+    cls = KDEvaluator if path == KD_EVALUATOR else getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, KDEvaluator)):
         instance = load_evaluator(path, dict(cfg.search.evaluator_kwargs))
         return (path, dict(cfg.search.evaluator_kwargs)), instance
     kwargs = {
@@ -57,7 +60,7 @@ def make_evaluator(
             "measured only after its training"
         )
         kwargs["early_stop"] = None
-    instance = KDEvaluator(**kwargs).prepare()
+    instance = cls(**kwargs).prepare()
     return (path, instance.config()), instance
 
 

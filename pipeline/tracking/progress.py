@@ -142,7 +142,7 @@ class StageMonitor:
         # A resumed stage (see RunDir.drop_uncommitted): iterations up to these are recorded.
         self.committed = run_dir.committed(stage)
         for row in run_dir.children(stage):  # earlier rows of a resumed stage
-            self.rows.setdefault(row.get("trial") or "", []).append(row)
+            self.rows.setdefault(row.get("trial") or "", []).append(slim(row))
         self.episodes = sum(len(v) for v in self.rows.values())
         self.replayed = 0
         """Iterations reported again after a resume that were already committed (not recorded)."""
@@ -164,8 +164,9 @@ class StageMonitor:
         for row in rows:
             self.episodes += 1
             row.update(stage=self.stage, episode=self.episodes, iteration=iteration, trial=trial_id)
-        self.rows.setdefault(trial_id, []).extend(rows)
         self.run_dir.append_children(rows)
+        rows = [slim(row) for row in rows]
+        self.rows.setdefault(trial_id, []).extend(rows)
         return rows
 
     def on_result(self, trial: Any, result: dict) -> None:
@@ -238,6 +239,12 @@ class StageMonitor:
             self.console.print(line, highlight=False, soft_wrap=True)
         else:
             logger.info(line.replace("[bold]", "").replace("[/]", ""))
+
+
+def slim(row: dict[str, Any]) -> dict[str, Any]:
+    """A child record as the driver keeps it in memory: without its spec, which
+    ``children.csv`` holds (a spec lists every channel group, most of a record's bytes)."""
+    return {k: v for k, v in row.items() if k != "spec"}
 
 
 def tracked_metrics(row: Mapping[str, Any]) -> dict[str, Any]:
