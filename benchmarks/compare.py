@@ -131,18 +131,6 @@ def run_cell(method: str, cfg: Any, splits: Any, targets: list[int] | None) -> d
     }  # fmt: skip
 
 
-def search_curve(run_dir: Path) -> list[float]:
-    """Best search reward so far against children evaluated (both stages, in order)."""
-    from pipeline.tracking.rundir import RunDir
-
-    best, curve = -math.inf, []
-    for row in RunDir(run_dir).children():
-        if not row.get("error"):
-            best = max(best, float(row["reward"]))
-        curve.append(best)
-    return curve
-
-
 # --------------------------------------------------------------------------- the table
 
 
@@ -338,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config.presets import load_config
     from pipeline.data.datasets import load_splits
     from pipeline.data.teachers import prepare_teacher
+    from pipeline.tracking.rundir import RunDir
 
     preset = args.preset or (QUICK_PRESET if args.quick else FULL_PRESET)
     base = [*(QUICK_OVERRIDES if args.quick else []), *args.overrides]
@@ -381,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_cell(method, ccfg, splits, None if budget else budgets)
                     result["budget_target"] = budget
                     if method in SEARCHES:
-                        result["curve"] = search_curve(folder / "run")
+                        result["curve"] = RunDir(folder / "run").best_curve()
                     folder.mkdir(parents=True, exist_ok=True)
                     result_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
                 results.append(result)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -27,18 +26,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def curve(run_dir: Path) -> list[float]:
-    """Best search reward so far against children evaluated, both stages in order."""
-    from pipeline.tracking.rundir import RunDir
-
-    best, out = -math.inf, []
-    for row in RunDir(run_dir).children():
-        if not row.get("error"):
-            best = max(best, float(row["reward"]))
-        out.append(best)
-    return out
 
 
 def reached(values: list[float], target: float) -> int | None:
@@ -99,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 run(rcfg, resume=resume, console=console, splits=splits)
             summary = RunDir(folder).summary()
             results[mode].append({
-                "seed": seed, "curve": curve(folder), "student": summary["student"],
+                "seed": seed, "curve": RunDir(folder).best_curve(), "student": summary["student"],
                 "wall_time_s": summary["wall_time_s"], "teacher": summary["teacher"],
             })  # fmt: skip
 

@@ -6,10 +6,19 @@ count, so the result is the least pruning that fits.
 
 from __future__ import annotations
 
+import copy
 import logging
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from envs.costs import count_params
+from envs.graph import trace
+from envs.spec import canonical
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +59,26 @@ def check_min_channels(min_channels: Any) -> int:
     if min_channels < 1:
         raise ValueError(f"min_channels {min_channels} is below 1: give e.g. 4")
     return int(min_channels)
+
+
+@dataclass
+class Start:
+    """What a budgeted channel-pruning method starts from: a traced copy of the model."""
+
+    target: int
+    min_channels: int
+    spec: dict[str, Any]
+    input_shape: list[int]
+    model: fx.GraphModule
+    fits: bool
+    """The model is already within the budget: the method returns it as it is."""
+
+
+def start(model: nn.Module, spec: dict[str, Any], target_params: Any, min_channels: Any) -> Start:
+    """Checks a method's budget and floor and traces a copy of the model to prune."""
+    target = check_target(target_params)
+    min_channels = check_min_channels(min_channels)
+    spec = canonical(spec)
+    gm = copy.deepcopy(trace(model))
+    return Start(target, min_channels, spec, spec["base"]["input_shape"], gm,
+                 count_params(gm) <= target)  # fmt: skip

@@ -26,10 +26,9 @@ from envs.channels import (
     pruning_group,
 )
 from envs.costs import count_params
-from envs.graph import describe, trace
-from envs.spec import canonical
+from envs.graph import describe
 from envs.surgery import spec_of
-from pipeline.baselines.budget import check_min_channels, check_target, least_pruning
+from pipeline.baselines.budget import least_pruning, start
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +77,10 @@ def slim(
     Raises:
         ValueError: a bad budget or ``min_channels``, or no channel group has a BatchNorm.
     """
-    target = check_target(target_params)
-    min_channels = check_min_channels(min_channels)
-    spec = canonical(spec)
-    input_shape = spec["base"]["input_shape"]
-    gm = copy.deepcopy(trace(model))
-    if count_params(gm) <= target:
+    s = start(model, spec, target_params, min_channels)
+    target, min_channels, spec, input_shape, gm = (s.target, s.min_channels, s.spec,
+                                                   s.input_shape, s.model)  # fmt: skip
+    if s.fits:
         return gm, spec_of(gm, spec)
     arch = describe(gm, input_shape, count_flops=False)
     dg = dependency_graph(gm, input_shape)

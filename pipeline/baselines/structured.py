@@ -22,10 +22,9 @@ from envs.channels import (
     classifier_layers,
 )
 from envs.costs import count_params
-from envs.graph import describe, trace
-from envs.spec import canonical
+from envs.graph import describe
 from envs.surgery import spec_of
-from pipeline.baselines.budget import check_min_channels, check_target, least_pruning
+from pipeline.baselines.budget import least_pruning, start
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +67,10 @@ def structured_l1(
             f"structured pruning mode {mode!r} is unknown: use 'uniform' (the same ratio per "
             "layer) or 'global' (one ranking over all channels)"
         )
-    target = check_target(target_params)
-    min_channels = check_min_channels(min_channels)
-    spec = canonical(spec)
-    input_shape = spec["base"]["input_shape"]
-    gm = copy.deepcopy(trace(model))
-    if count_params(gm) <= target:
+    s = start(model, spec, target_params, min_channels)
+    target, min_channels, spec, input_shape, gm = (s.target, s.min_channels, s.spec,
+                                                   s.input_shape, s.model)  # fmt: skip
+    if s.fits:
         return gm, spec_of(gm, spec)
     arch = describe(gm, input_shape, count_flops=False)
     sizes = [g.channels for g in channel_groups(gm, arch)]

@@ -179,6 +179,16 @@ class RunDir:
             tmp.replace(path)
         return len(rows) - len(kept)
 
+    def best_curve(self) -> list[float]:
+        """The best reward found so far after each child, both stages in order (a search's
+        learning curve against children evaluated)."""
+        best, curve = -math.inf, []
+        for row in self.children():
+            if not row.get("error"):
+                best = max(best, float(row["reward"]))
+            curve.append(best)
+        return curve
+
     def append_iteration(self, row: dict[str, Any]) -> None:
         self._append("iterations.csv", ITERATION_COLUMNS, [row])
 
