@@ -118,7 +118,7 @@ def run_cell(method: str, cfg: Any, splits: Any, targets: list[int] | None) -> d
         except NoFeasibleStudent as err:  # recorded as the cell's failure, the others go on
             from pipeline.tracking.rundir import RunDir
 
-            summary = {**RunDir(cfg.output.run_dir).summary(), "child_evaluations": 0,
+            summary = {**RunDir(cfg.output.run_dir).summary(), "child_evaluations": 0,  # its cost too
                        "records": [{"method": method, "label": "none", "error": str(err)}]}  # fmt: skip
     else:
         summary = run_baseline(cfg, method.removesuffix("-eq"), console=console, splits=splits,
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(folder, ignore_errors=True)
                     extra = [*extra, *equal_cost(method, out, seed, factors)]
                     if method == "l1-unstructured":
-                        extra.append(f"baseline.amounts={[round(1 - 1 / f, 4) for f in factors]}")
+                        extra.append(f"baseline.amounts={sparsities(teacher_dir, budgets)}")
                     console.rule(name)
                     ccfg = cell_config(base, preset, method, seed, teacher_dir, folder / "run",
                                        extra)  # fmt: skip
@@ -392,6 +392,21 @@ def main(argv: list[str] | None = None) -> int:
     console.print((out / "table.md").read_text())
     console.print(f"results in {out}; MLflow parent run {run_id}")
     return 0
+
+
+def sparsities(teacher_dir: Path, budgets: list[int]) -> list[float]:
+    """The global sparsity of conv/linear weights that leaves at most each budget of non-zero
+    parameters: biases and BatchNorm parameters are not pruned, so a plain ``1 - 1/X`` would
+    leave a few hundred too many."""
+    import math
+
+    from envs.checkpoint import load_checkpoint
+    from pipeline.baselines.unstructured import PRUNABLE
+
+    model = load_checkpoint(teacher_dir).model
+    prunable = sum(m.weight.numel() for m in model.modules() if isinstance(m, PRUNABLE))
+    fixed = sum(p.numel() for p in model.parameters()) - prunable
+    return [math.ceil(1e4 * (1 - (b - fixed) / prunable)) / 1e4 for b in budgets]
 
 
 def equal_cost(method: str, out: Path, seed: int, factors: list[float]) -> list[str]:

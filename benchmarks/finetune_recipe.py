@@ -10,7 +10,8 @@ Usage::
     .venv/bin/python benchmarks/finetune_recipe.py --teacher runs/teacher-fmnist-r18
     .venv/bin/python benchmarks/finetune_recipe.py --quick   # digits, a few minutes
 
-Writes ``recipes.json`` and ``recipes.md`` to ``--out``.
+Writes ``recipes.json`` and ``recipes.md`` to ``--out``; each recipe's result is kept in
+``done/`` as it finishes, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,8 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"student: keep-ratio {args.ratio} everywhere, {params:,} params "
           f"({teacher.facts['params'] / params:.1f}x fewer than the teacher)", flush=True)  # fmt: skip
 
+    def kept(name: str) -> Path:  # each recipe's result, kept as it finishes (a rerun resumes)
+        return out / "done" / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".json")
+
     refs = {}
     for name in args.recipes.split(";"):
+        if kept(name).is_file():
+            continue
         change = dict(RECIPES[name])
         factor = change.pop("steps_factor", 1)
         raw = cfg.model_dump()
@@ -93,16 +100,17 @@ def main(argv: list[str] | None = None) -> int:
             num_cpus=cfg.ray.cpus_per_child, scheduling_strategy="DEFAULT",
         ).remote(payload, student, settings, test, threads, 0.0,
                  teacher_ref if settings.augment != "none" else None))  # fmt: skip
-    results = []
+    (out / "done").mkdir(exist_ok=True)
     for name, (_settings, ref) in refs.items():
         r = ray.get(ref)
-        results.append({
+        kept(name).write_text(json.dumps({
             "recipe": name, "val_accuracy": r["val_accuracy"], "test_accuracy": r["test_accuracy"],
             "kd_steps": r["kd_steps"], "teacher_forwards": r.get("teacher_forwards", 0),
             "wall_time_s": round(r["wall_time_s"], 1),
-        })  # fmt: skip
+        }))  # fmt: skip
         print(f"{name}: val {r['val_accuracy']:.4f} test {r['test_accuracy']:.4f} "
               f"({r['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
+    results = [json.loads(kept(n).read_text()) for n in args.recipes.split(";")]
     teacher_test = teacher.facts["test_accuracy"]
     lines = ["| recipe | KD steps | val acc | test acc | delta (pts) | wall time |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip

@@ -95,10 +95,11 @@ class SleepEvaluator(KDEvaluator):
                 "record_to": self.record_to}  # fmt: skip
 
     def evaluate_many(self, children: list[Child]) -> list[ChildResult]:
-        """Times the whole path (cache look-up, submit, wait, result) for the benchmark."""
+        """Times the whole path (cache look-up, submit, wait, result) for the benchmark; a
+        call answered from the cache alone trained nothing and is not a child's path."""
         started = time.perf_counter()
         results = super().evaluate_many(children)
-        if self.record_to:
+        if self.record_to and not all(r.cache_hit for r in results):
             path = Path(self.record_to) / f"paths-{os.getpid()}.txt"
             with path.open("a") as fh:
                 fh.write(f"{time.perf_counter() - started:.6f}\n")
@@ -164,7 +165,7 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
         f"shrinkage.iterations={iterations}", f"shrinkage.episodes_per_iteration={runners}",
         f"search.env_runners={runners}", f"search.evaluator={EVALUATOR}",
         f"search.evaluator_kwargs={{child_seconds: {seconds}, teacher_accuracy: 0.95, "
-        f"cache: false, record_to: '{folder}'}}",
+        f"record_to: '{folder}'}}",
         "distill.early_stop=false",
         "ray.cpus_per_child=1", "ray.gpus_per_child=1", "finetune.top_k=1",
         "finetune.steps=1", "shrinkage.entropy_coeff=0.05",
@@ -221,11 +222,15 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
     cluster.shutdown()
 
     search_s = marks["search_end"] - marks["search_start"]
-    paths = [float(x) for f in folder.glob("paths-*.txt") for x in f.read_text().split()]
-    overheads = [p - seconds for p in paths]
+    # Each env runner's first path carries its start-up (cache actor connection, payload
+    # fetch, the first task's worker start): reported apart from the steady per-child cost.
+    runs = [[float(x) for x in f.read_text().split()] for f in folder.glob("paths-*.txt")]
+    overheads = [p - seconds for r in runs for p in r[1:]]
+    first = [r[0] - seconds for r in runs if r]
     iters = RunDir(folder / "run").iterations()
     iterations_s = [float(r["elapsed_s"]) for r in iters]
-    counts = [int(r["children_total"]) for r in iters]
+    # Trained children only: a cache hit (a repeated architecture) costs no slot.
+    counts = [int(r["children_total"]) - int(r["cache_hits"]) for r in iters]
     # Steady state: from the end of the first iteration (env runners started, payload on the
     # nodes) to the end of the last.
     steady = (
@@ -236,10 +241,11 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
         "nodes": nodes, "slots": slots, "child_s": seconds, "children": len(rows),
         "trained": len(trained), "cache_hits": sum(bool(r["cache_hit"]) for r in rows),
         "failed": sum(bool(r["error"]) for r in rows), "search_s": round(search_s, 1),
-        "children_per_s": steady, "children_per_s_with_startup": len(rows) / search_s,
+        "children_per_s": steady, "children_per_s_with_startup": len(trained) / search_s,
         "ideal_per_s": nodes * slots / seconds, "startup_s": iterations_s[0] if iters else None,
         "overhead_ms_median": 1000 * statistics.median(overheads) if overheads else None,
         "overhead_ms_p90": 1000 * quantile(overheads, 0.9) if overheads else None,
+        "first_child_overhead_s_median": statistics.median(first) if first else None,
         "iteration_overhead_s_median": statistics.median(per_iteration) if per_iteration else None,
         "head_bytes_per_child": growth(samples),
         "head_rss_mb": {k: v / 2**20 for k, v in samples[-1][1].items()} if samples else {},

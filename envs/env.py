@@ -13,7 +13,9 @@ Both take only an ``env_config`` dict (RLlib's convention) with these keys:
 Shrinkage also reads ``ratios`` (keep-ratios to choose from, default 0.1 ... 1.0),
 ``min_channels`` (default 4), ``importance`` (``"l1"`` or ``"bn"``), ``sequential``
 (one unit per step, so a recurrent policy sees its earlier choices) and ``start`` (the
-network to shrink: a checkpoint folder or student spec, default the teacher).
+network to shrink: a checkpoint folder or student spec, default the teacher) and ``limits``
+(``{"params": N, "flops": F}``: an action whose child would exceed them is capped until it
+fits; ``info["action"]`` is the action taken).
 
 An episode yields one child network. The observation is the parent's unit descriptors
 (``envs.graph.FEATURES``): a float32 Box ``[units, features]`` in [0, 1] whose
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 
 _KNOWN_KEYS = {
     "teacher", "evaluator", "evaluator_config", "reward", "teacher_accuracy", "teacher_latency_s",
-    "ratios", "min_channels", "importance", "sequential", "start", "stage",
+    "ratios", "min_channels", "importance", "sequential", "start", "stage", "limits",
 }  # fmt: skip
 
 
@@ -281,6 +283,10 @@ class ShrinkageEnv(_ChildEnv):
         if self.importance not in IMPORTANCE:
             raise ValueError(f"importance {self.importance!r} is not one of {list(IMPORTANCE)}")
         self.sequential = bool(config.get("sequential", False))
+        self.limits = {k: int(v) for k, v in (config.get("limits") or {}).items()}
+        unknown = set(self.limits) - {"params", "flops"}
+        if unknown:
+            raise ValueError(f"limits {sorted(unknown)} unknown: give 'params' and/or 'flops'")
         if config.get("start") is not None:
             self.parent, self.parent_spec = load_network(config["start"], "start")
         else:
@@ -328,19 +334,47 @@ class ShrinkageEnv(_ChildEnv):
                 action, self.action_space.nvec, "one ratio index per shrinkable unit"
             )
             self._choices = values
+        if self.limits:
+            with caller_random_state():
+                values = self._within_limits(values)
         ratios = {u: self.ratios[v] for u, v in zip(self.units, values, strict=True)}
-        reward, info = self._score(
-            lambda: make_child(
-                self.parent,
-                self.parent_spec,
-                ratios=ratios,
-                min_channels=self.min_channels,
-                importance=self.importance,
-            ),
-            values,
-            {"ratios": ratios},
-        )
+        reward, info = self._score(lambda: self._child(values), values, {"ratios": ratios})
         return self._observation(), reward, True, False, info
+
+    def _child(self, values: list[int]) -> tuple[nn.Module, dict[str, Any]]:
+        ratios = {u: self.ratios[v] for u, v in zip(self.units, values, strict=True)}
+        return make_child(
+            self.parent,
+            self.parent_spec,
+            ratios=ratios,
+            min_channels=self.min_channels,
+            importance=self.importance,
+        )
+
+    def _fits(self, values: list[int]) -> bool:
+        costs = model_costs(self._child(values)[0], self.input_shape)
+        return all(getattr(costs, key) <= limit for key, limit in self.limits.items())
+
+    def _within_limits(self, values: list[int]) -> list[int]:
+        """The action capped so that its child fits ``limits`` (AMC's constrained action
+        space): every unit's ratio index is lowered to at most a common level, the highest
+        level whose child fits, found by bisection (a few surgeries, no training). Units
+        already below the level keep the policy's choice; when even the lowest ratios do not
+        fit, the lowest are taken (the child is then over budget and its reward says so).
+        """
+        try:
+            if self._fits(values):
+                return values
+        except Exception:  # noqa: BLE001 (a surgery error: scored as the failed child it is)
+            return values
+        low, high = 0, max(values) - 1  # the level max(values) does not fit
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self._fits([min(v, mid) for v in values]):
+                low = mid
+            else:
+                high = mid - 1
+        return [min(v, low) for v in values]
 
 
 def register(prefix: str = "n2n") -> tuple[str, str]:

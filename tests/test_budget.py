@@ -171,3 +171,9 @@ def test_a_budget_no_child_can_meet_exits_5_and_keeps_the_run(ray_cluster, tmp_p
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["student"] is None and summary["budget"]["met"] is False
     assert summary["smallest_child"] > 50
+    # What the search spent is kept, so an infeasible search still counts in a cost comparison.
+    assert (
+        summary["cost"]["kd_steps_children"]
+        == sum(r["kd_steps"] for r in kept.children("shrinkage") if not r["cache_hit"])
+        > 0
+    )

@@ -231,7 +231,9 @@ def test_every_flag_sets_keys_the_config_has() -> None:
     """Each key in the table is a real config key (an override of it validates)."""
     from pipeline.config.presets import load_config
 
-    samples = {int: "1", str: "auto"}
+    samples = {int: "1", str: "auto", float: "10"}
+    # Keys that are only valid with another one set (the schema checks the pair).
+    companions = {"search.freeze_policy": ["search.policy_from=runs/source"]}
     for flag in FLAGS:
         for key in flag.keys:
             if flag.type is None:
@@ -242,7 +244,8 @@ def test_every_flag_sets_keys_the_config_has() -> None:
                 value = flag.choices[0]
             else:
                 value = samples[flag.type]
-            load_config("demo", [f"{key}={value}"])  # raises ConfigError naming an unknown key
+            # raises ConfigError naming an unknown key
+            load_config("demo", [f"{key}={value}", *companions.get(key, [])])
 
 
 def test_submit_passes_the_forwarded_flags_on_as_given(tmp_path: Path) -> None:

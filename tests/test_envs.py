@@ -73,6 +73,31 @@ def test_shrinkage_env_parallel_and_sequential_agree():
     assert info_par["spec"]["channels"]["features.0"] == 8  # 0.25 * 32
 
 
+def test_a_budget_caps_each_shrinkage_action_at_the_highest_level_that_fits():
+    ratios = [0.25, 0.5, 0.75, 1.0]
+    free = ShrinkageEnv(_config(ratios=ratios))
+    wide = [3, 3, 1, 3, 0, 3]
+    *_, info = free.step(wide)
+    limit = info["params"] // 3
+    env = ShrinkageEnv(_config(ratios=ratios, limits={"params": limit}))
+    *_, info = env.step(wide)
+    taken = info["action"]
+    assert info["params"] <= limit < free.teacher_costs.params
+    # Capped at one common level: what was below it stays the policy's choice ...
+    level = max(taken)
+    assert taken == [min(v, level) for v in wide] and level < 3
+    # ... and the next level up would not have fitted.
+    *_, above = free.step([min(v, level + 1) for v in wide])
+    assert above["params"] > limit
+    assert info["ratios"] == {u: ratios[v] for u, v in zip(env.units, taken, strict=True)}
+    # An action that fits is left alone; a budget nothing fits takes the lowest ratios.
+    *_, small = env.step([0, 1, 0, 0, 0, 0])
+    assert small["action"] == [0, 1, 0, 0, 0, 0]
+    tiny = ShrinkageEnv(_config(ratios=ratios, limits={"params": 10}))
+    *_, floor = tiny.step(wide)
+    assert floor["action"] == [0] * 6 and floor["params"] > 10
+
+
 def test_shrinkage_starts_from_a_removal_result():
     start_env = RemovalEnv(_config())
     _, _, _, _, info = start_env.step([0, 1, 0, 0, 1])

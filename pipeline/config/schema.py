@@ -343,6 +343,12 @@ class ShrinkageConfig(StageConfig):
     sequential: bool = Field(
         False, description="One unit per env step (recurrent policy) instead of all at once."
     )
+    fit_budget: bool = Field(
+        True,
+        description="With a budget (budget.*), cap each action's keep-ratios at the highest "
+        "common level whose child fits it (AMC's constrained actions), so every child is a "
+        "candidate; off, children over the budget are trained and penalised by the reward.",
+    )
 
     @field_validator("ratios")
     @classmethod

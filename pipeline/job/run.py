@@ -283,6 +283,7 @@ def _infeasible_summary(job: Job, rows: list[dict[str, Any]], wall: float) -> di
         "students": [],
         "smallest_child": min(good, key=lambda r: r["params"])["params"] if good else None,
         "children": {"evaluated": len(rows)},
+        "cost": training_cost(job, rows, []),
         "wall_time_s": round(wall, 1),
     }
 

@@ -81,6 +81,8 @@ def env_config(
             ratios=list(s.ratios), min_channels=s.min_channels, importance=s.importance,
             sequential=s.sequential, start=start,
         )  # fmt: skip
+        if s.fit_budget and job.limits:
+            config["limits"] = dict(job.limits)
     return config
 
 
