@@ -139,6 +139,19 @@ def head_processes() -> dict[str, int]:
     return pids
 
 
+def actor_memory() -> dict[str, dict[str, float]]:
+    """Processes per actor class alive now (env runners, the trial, the run's actors) and
+    their mean resident set: what the head holds per child in flight."""
+    from ray.util.state import list_actors
+
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000):
+        if actor.pid:
+            by_class[actor.class_name].append(rss(actor.pid))
+    return {name: {"count": len(v), "mean_mb": round(statistics.fmean(v) / 2**20, 1)}
+            for name, v in sorted(by_class.items())}  # fmt: skip
+
+
 def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path,
               teacher: Path, profile: bool) -> dict[str, Any]:  # fmt: skip
     """Runs one search on a fresh cluster of ``nodes`` worker nodes; returns its figures."""
@@ -175,6 +188,7 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
     samples: list[tuple[int, dict[str, int]]] = []  # (children recorded, RSS per process)
     marks: dict[str, float] = {}
     pids: dict[str, int] = {}
+    actors: dict[str, dict[str, float]] = {}
 
     from pipeline.job import run as job_run
     from pipeline.tracking import progress
@@ -196,6 +210,8 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
     def measured_result(self: Any, trial: Any, result: dict) -> None:
         on_result(self, trial, result)
         sample(len(self.all_rows))
+        if len(samples) == 4:  # once, in steady state: the trial's actors are alive now
+            actors.update(actor_memory())
 
     def search_done(*args: Any, **kwargs: Any) -> Any:
         if "search_end" not in marks:
@@ -249,6 +265,7 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
         "iteration_overhead_s_median": statistics.median(per_iteration) if per_iteration else None,
         "head_bytes_per_child": growth(samples),
         "head_rss_mb": {k: v / 2**20 for k, v in samples[-1][1].items()} if samples else {},
+        "actors": actors,
         "task_arg_bytes_per_child": child_arg_bytes(cfg),
         "payload_copies": payload_nodes,
         "wall_s": round(time.monotonic() - started, 1),
@@ -379,15 +396,20 @@ def make_teacher(out: Path) -> Path:
 
 
 def table(points: list[dict[str, Any]]) -> str:
-    lines = ["| nodes | child | children | children/s | ideal | efficiency | overhead (median, p90) "
-             "| head bytes / child |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = ["| nodes | child | children | children/s | ideal | efficiency | path overhead "
+             "(median, p90) | iteration overhead | head bytes / child | payload copies "
+             "| env runner RSS |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for p in points:
         head = sum(v for v in p["head_bytes_per_child"].values())
+        runner = p.get("actors", {}).get("SingleAgentEnvRunner", {})
+        gap = p.get("iteration_overhead_s_median")
         lines.append(
             f"| {p['nodes']} | {p['child_s']:g} s | {p['children']} | {p['children_per_s']:.2f} | "
             f"{p['ideal_per_s']:.2f} | {p['efficiency']:.0%} | {p['overhead_ms_median']:.0f} ms, "
-            f"{p['overhead_ms_p90']:.0f} ms | {head:,.0f} B |"
+            f"{p['overhead_ms_p90']:.0f} ms | {f'{gap:.2f} s' if gap is not None else '-'} | "
+            f"{head:,.0f} B | {p['payload_copies']} | "
+            f"{runner.get('count', 0)} x {runner.get('mean_mb', 0):.0f} MB |"
         )
     return "\n".join(lines)
 
