@@ -36,6 +36,7 @@ import pstats
 import statistics
 import sys
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,12 @@ class SleepEvaluator(KDEvaluator):
             with path.open("a") as fh:
                 fh.write(f"{time.perf_counter() - started:.6f}\n")
         return results
+
+    def _key(self, child: Child) -> str:
+        """Every child a cache miss: the cache actor is consulted and written for each child as
+        in a real search, but a policy that converges onto a few architectures would otherwise
+        be served from the cache, and throughput would measure the policy, not the machinery."""
+        return f"{super()._key(child)}-{uuid.uuid4().hex}"
 
     def _submit(self, child: Child, cache: Any) -> Any:
         return sleep_child.options(
@@ -189,6 +196,7 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
     marks: dict[str, float] = {}
     pids: dict[str, int] = {}
     actors: dict[str, dict[str, float]] = {}
+    retained: list[int] = []  # (children recorded, bytes of the driver's records of them)
 
     from pipeline.job import run as job_run
     from pipeline.tracking import progress
@@ -210,6 +218,8 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
     def measured_result(self: Any, trial: Any, result: dict) -> None:
         on_result(self, trial, result)
         sample(len(self.all_rows))
+        kept = [self.rows, self.tracker.children if self.tracker is not None else []]
+        retained[:] = [len(self.all_rows), deep_size(kept)]
         if len(samples) == 4:  # once, in steady state: the trial's actors are alive now
             actors.update(actor_memory())
 
@@ -264,6 +274,7 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
         "first_child_overhead_s_median": statistics.median(first) if first else None,
         "iteration_overhead_s_median": statistics.median(per_iteration) if per_iteration else None,
         "head_bytes_per_child": growth(samples),
+        "driver_record_bytes_per_child": retained[1] / retained[0] if retained else None,
         "head_rss_mb": {k: v / 2**20 for k, v in samples[-1][1].items()} if samples else {},
         "actors": actors,
         "task_arg_bytes_per_child": child_arg_bytes(cfg),
@@ -294,6 +305,20 @@ def growth(samples: list[tuple[int, dict[str, int]]]) -> dict[str, float]:
         cov = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
         out[key] = cov / var if var else 0.0
     return out
+
+
+def deep_size(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of Python objects ``obj`` holds (containers followed, shared objects once)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in obj.items())
+    elif isinstance(obj, list | tuple | set):
+        size += sum(deep_size(v, seen) for v in obj)
+    return size
 
 
 def payload_locations() -> int | None:
@@ -344,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="2 nodes, a few dozen children")
     p.add_argument("--nodes", default="1,2,4,8", help="worker node counts to sweep")
     p.add_argument("--seconds", default="0.5,5", help="child durations to sweep")
-    p.add_argument("--slots", type=int, default=4, help="children at once per node")
+    p.add_argument("--slots", type=int, default=2,
+                   help="children at once per node (each has a ~0.9 GB env runner on the head: "
+                        "8 nodes x 2 slots fit 24 GB)")  # fmt: skip
     p.add_argument("--iterations", type=int, default=10, help="search iterations per point")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale"))
     args = p.parse_args(argv)
@@ -397,18 +424,23 @@ def make_teacher(out: Path) -> Path:
 
 def table(points: list[dict[str, Any]]) -> str:
     lines = ["| nodes | child | children | children/s | ideal | efficiency | path overhead "
-             "(median, p90) | iteration overhead | head bytes / child | payload copies "
+             "(median, p90) | iteration overhead | driver records / child | head RSS / child "
+             "| payload copies "
              "| env runner RSS |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]  # fmt: skip
     for p in points:
         head = sum(v for v in p["head_bytes_per_child"].values())
         runner = p.get("actors", {}).get("SingleAgentEnvRunner", {})
         gap = p.get("iteration_overhead_s_median")
+        kept = p.get("driver_record_bytes_per_child")
+        kept = f"{kept:,.0f} B" if kept else "-"
         lines.append(
             f"| {p['nodes']} | {p['child_s']:g} s | {p['children']} | {p['children_per_s']:.2f} | "
             f"{p['ideal_per_s']:.2f} | {p['efficiency']:.0%} | {p['overhead_ms_median']:.0f} ms, "
             f"{p['overhead_ms_p90']:.0f} ms | {f'{gap:.2f} s' if gap is not None else '-'} | "
-            f"{head:,.0f} B | {p['payload_copies']} | "
+            f"{kept} | {head:,.0f} B | "
+            f"{p['payload_copies']} | "
             f"{runner.get('count', 0)} x {runner.get('mean_mb', 0):.0f} MB |"
         )
     return "\n".join(lines)

@@ -38,6 +38,9 @@ def test_quick_scale_simulation_reports_every_figure(tmp_path: Path) -> None:
     assert 0 < point["efficiency"] <= 1.0 and point["ideal_per_s"] == 2 * 2 / 0.5
     assert point["overhead_ms_median"] is not None and point["overhead_ms_median"] >= 0
     assert set(point["head_bytes_per_child"]) == {"driver", "ChildLog", "RewardCache"}
+    # One env runner per child in flight, on the head; the driver keeps < 2 KB per child.
+    assert point["actors"]["SingleAgentEnvRunner"]["count"] == 2 * 2
+    assert 100 < point["driver_record_bytes_per_child"] < 2048
     assert point["task_arg_bytes_per_child"] > 10_000  # a child network travels with its task
     # The payload (data + teacher logits) was copied to the nodes that ran children, no more.
     assert 1 <= point["payload_copies"] <= 3

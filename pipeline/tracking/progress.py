@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -243,8 +244,12 @@ class StageMonitor:
 
 def slim(row: dict[str, Any]) -> dict[str, Any]:
     """A child record as the driver keeps it in memory: without its spec, which
-    ``children.csv`` holds (a spec lists every channel group, most of a record's bytes)."""
-    return {k: v for k, v in row.items() if k != "spec"}
+    ``children.csv`` holds (a spec lists every channel group, most of a record's bytes), and
+    with its keys and unit names interned (one string each for the whole run, not per row)."""
+    out = {sys.intern(k): v for k, v in row.items() if k != "spec"}
+    if isinstance(out.get("ratios"), dict):
+        out["ratios"] = {sys.intern(u): r for u, r in out["ratios"].items()}
+    return out
 
 
 def tracked_metrics(row: Mapping[str, Any]) -> dict[str, Any]:

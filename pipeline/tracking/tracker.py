@@ -282,13 +282,12 @@ class Tracker(Resuming, ResultLogging):
             self._require_run()
             batches: dict[str, list[Metric]] = {}
             for record in records:
-                row = {k: cell(v) for k, v in record.items()} | {
-                    "error": str(record.get("error") or "")
-                }
-                self.children.append(row)
+                self.children.append(
+                    record
+                )  # the caller's record, not a copy: made a row on upload
                 st = self._stage(str(record.get("stage") or "search"))
                 for key in CHILD_METRICS:
-                    if finite(record.get(key)) and not (key == "accuracy" and row["error"]):
+                    if finite(record.get(key)) and not (key == "accuracy" and record.get("error")):
                         metric = Metric(f"child/{key}", float(record[key]), now_ms(), st.children)
                         batches.setdefault(st.name, []).append(metric)
                 st.children += 1
@@ -371,7 +370,10 @@ class Tracker(Resuming, ResultLogging):
         self.client.log_batch(st.run_id or self.run_id, metrics=metrics)
 
     def _upload_children(self) -> None:
-        self._log_table(self.children, CHILDREN_TABLE)
+        records = list(self.children)  # a snapshot (one C-level copy, atomic under the GIL)
+        rows = [{k: cell(v) for k, v in r.items()} | {"error": str(r.get("error") or "")}
+                for r in records]  # fmt: skip
+        self._log_table(rows, CHILDREN_TABLE)
 
 
 def tracker_for(cfg: RunConfig, register: bool = True) -> Tracker | None:
