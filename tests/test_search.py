@@ -23,6 +23,7 @@ from envs.env import RemovalEnv, ShrinkageEnv
 from envs.evaluation import SyntheticEvaluator
 from pipeline.config.presets import load_config
 from pipeline.job import sweeps
+from pipeline.job.run import run
 from pipeline.search.random_search import random_episode
 from pipeline.search.records import child_row
 from pipeline.tracking.progress import iteration_stats
@@ -201,6 +202,27 @@ def test_ppo_beats_random_search_on_the_synthetic_evaluator(ray_cluster, tmp_pat
     assert sum(p > r for p, r in zip(means["ppo"], means["random"], strict=True)) >= 2, means
     children = RunDir(cfg.output.run_dir).children()
     assert len(children) == 6 * 48 and {r["trial"] for r in children} == {r["trial"] for r in table}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_env_runners_draw_different_children(ray_cluster, tmp_path: Path) -> None:
+    """Two env runners seeded alike drew the same actions: every child of an iteration came
+    twice (the second from the cache). A fresh policy over 32 removal masks, 8 draws in two
+    runners, gives at most 4 distinct children that way."""
+    cfg = load_config(
+        "demo",
+        _settings(
+            tmp_path, "shrinkage.enabled=false", "teacher.epochs=1", "search.env_runners=2",
+            "search.evaluator=envs.evaluation:SyntheticEvaluator", "removal.iterations=2",
+            "removal.episodes_per_iteration=8", "shrinkage.episodes_per_iteration=8",
+        ),
+    ).resolve_paths()  # fmt: skip
+    run(cfg, tracker=None)
+    rows = RunDir(cfg.output.run_dir).children("removal")
+    for iteration in (1, 2):
+        actions = [tuple(r["action"]) for r in rows if r["iteration"] == iteration]
+        assert len(actions) == 8 and len(set(actions)) > 4, actions
 
 
 def _run(argv: list[str]) -> int:

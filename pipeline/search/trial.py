@@ -67,11 +67,15 @@ def stage_trainable(config: dict[str, Any]) -> None:
 def _seed_iteration(algo: Any, seed: int) -> None:
     """Seeds every process that draws this iteration's random numbers: the trial's own (its
     local env runner samples the actions when there are no remote ones, and its learner
-    shuffles minibatches) and each remote env runner's."""
+    shuffles minibatches) and each remote env runner's, each with its own seed (its index
+    mixed in): runners seeded alike would draw the same actions, every child twice."""
     _seed_process(seed)
     group = getattr(algo, "env_runner_group", None)
     if group is not None and group.num_remote_env_runners() > 0:
-        group.foreach_env_runner(lambda runner: _seed_process(seed), local_env_runner=False)
+        group.foreach_env_runner(
+            lambda runner: _seed_process(trial_state.iteration_seed(seed, runner.worker_index)),
+            local_env_runner=False,
+        )
 
 
 def _seed_process(seed: int) -> None:
