@@ -4,6 +4,7 @@ small teacher trained on them once per session."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -12,6 +13,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Teacher logits kept on disk across runs (pipeline/children/payload.py): a test session
+# starts with an empty cache of its own, never the machine's ~/.cache/n2n.
+os.environ.setdefault("N2N_CACHE_DIR", tempfile.mkdtemp(prefix="n2n-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -303,3 +304,55 @@ def test_shifts_and_flips_are_per_image_and_reproducible():
     assert torch.equal(augment(x, "none", torch.Generator()), x)
     with pytest.raises(ValueError, match="not one of"):
         augment(x, "mixup", torch.Generator())
+
+
+def test_teacher_logits_are_computed_once_per_teacher_and_images(
+    teacher, digits, logits, tmp_path, monkeypatch
+):
+    from pipeline.children import payload
+
+    monkeypatch.setenv("N2N_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(payload, "_MEMO", type(payload._MEMO)())
+    calls = []
+    real = payload.teacher_logits
+    monkeypatch.setattr(payload, "teacher_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = digits.train[0]
+    first = payload.cached_teacher_logits(teacher.model, x)
+    assert len(calls) == 1 and torch.equal(first, logits)
+    [kept] = (tmp_path / "teacher-logits").glob("*.npy")
+
+    payload._MEMO.clear()  # a new process: read from disk, not run again
+    assert torch.equal(payload.cached_teacher_logits(teacher.model, x), logits)
+    assert len(calls) == 1
+
+    edited = copy.deepcopy(teacher.model)  # BatchNorm statistics are part of the teacher
+    next(m for m in edited.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean += 1
+    assert not torch.equal(payload.cached_teacher_logits(edited, x), logits)
+    assert len(calls) == 2
+    payload.cached_teacher_logits(teacher.model, x[:-1])  # other images miss too
+    assert len(calls) == 3
+
+    payload._MEMO.clear()
+    kept.write_bytes(b"not an array")  # damaged: computed again and rewritten
+    assert torch.equal(payload.cached_teacher_logits(teacher.model, x), logits)
+    assert len(calls) == 4 and np.load(kept).shape == tuple(logits.shape)
+
+
+def test_teacher_logit_cache_can_be_off_or_unwritable(
+    teacher, digits, tmp_path, monkeypatch, caplog
+):
+    from pipeline.children import payload
+
+    monkeypatch.setattr(payload, "_MEMO", type(payload._MEMO)())
+    monkeypatch.setenv("N2N_CACHE_DIR", "off")
+    assert payload.logits_cache_dir() is None
+    payload.cached_teacher_logits(teacher.model, digits.val[0])
+    assert not list(tmp_path.iterdir())
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache folder would go
+    monkeypatch.setenv("N2N_CACHE_DIR", str(blocked))
+    payload._MEMO.clear()
+    out = payload.cached_teacher_logits(teacher.model, digits.val[0])
+    assert out.shape == (len(digits.val[1]), digits.num_classes)
+    assert "N2N_CACHE_DIR" in caplog.text and not list(tmp_path.glob("**/*.tmp"))
