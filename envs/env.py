@@ -305,6 +305,7 @@ class ShrinkageEnv(_ChildEnv):
             else gym.spaces.MultiDiscrete([n] * len(self.units))
         )
         self._choices: list[int] = []
+        self._checked: tuple[tuple[int, ...], tuple[nn.Module, dict[str, Any]]] | None = None
 
     def _observation(self) -> np.ndarray:
         obs = self._base_obs.copy()
@@ -342,6 +343,10 @@ class ShrinkageEnv(_ChildEnv):
         return self._observation(), reward, True, False, info
 
     def _child(self, values: list[int]) -> tuple[nn.Module, dict[str, Any]]:
+        # The child the budget check built last is handed over once, not built again.
+        checked, self._checked = self._checked, None
+        if checked is not None and checked[0] == tuple(values):
+            return checked[1]
         ratios = {u: self.ratios[v] for u, v in zip(self.units, values, strict=True)}
         return make_child(
             self.parent,
@@ -352,7 +357,9 @@ class ShrinkageEnv(_ChildEnv):
         )
 
     def _fits(self, values: list[int]) -> bool:
-        costs = model_costs(self._child(values)[0], self.input_shape)
+        built = self._child(values)
+        self._checked = (tuple(values), built)
+        costs = model_costs(built[0], self.input_shape)
         return all(getattr(costs, key) <= limit for key, limit in self.limits.items())
 
     def _within_limits(self, values: list[int]) -> list[int]:

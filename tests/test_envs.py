@@ -98,6 +98,19 @@ def test_a_budget_caps_each_shrinkage_action_at_the_highest_level_that_fits():
     assert floor["action"] == [0] * 6 and floor["params"] > 10
 
 
+def test_a_budget_check_builds_a_fitting_child_once(monkeypatch):
+    from envs import env as env_module
+
+    built = []
+    real = env_module.make_child
+    monkeypatch.setattr(env_module, "make_child", lambda *a, **k: built.append(1) or real(*a, **k))
+    env = ShrinkageEnv(_config(ratios=[0.25, 0.5, 1.0], limits={"params": 10**9}))
+    *_, info = env.step([2, 1, 0, 2, 1, 0])
+    assert len(built) == 1 and info["action"] == [2, 1, 0, 2, 1, 0]
+    *_, again = env.step([2, 1, 0, 2, 1, 0])  # the handed-over child is not reused twice
+    assert len(built) == 2 and again["arch_hash"] == info["arch_hash"]
+
+
 def test_shrinkage_starts_from_a_removal_result():
     start_env = RemovalEnv(_config())
     _, _, _, _, info = start_env.step([0, 1, 0, 0, 1])
