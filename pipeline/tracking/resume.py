@@ -19,7 +19,6 @@ from pipeline.tracking.results import (
     CHILD_METRICS,
     CHILDREN_TABLE,
     StageRun,
-    cell,
     finite,
     finite_values,
     first_line,
@@ -91,9 +90,7 @@ class Resuming:
         self._adopt_stages()
         by_stage: dict[str, int] = {}
         for record in children:
-            self.children.append(
-                {k: cell(v) for k, v in record.items()} | {"error": str(record.get("error") or "")}
-            )
+            self.children.append(record)  # made a row on upload, as log_children's records
             name = str(record.get("stage") or "search")
             by_stage[name] = by_stage.get(name, 0) + 1
         for name, rows in (iterations or {}).items():

@@ -282,9 +282,7 @@ class Tracker(Resuming, ResultLogging):
             self._require_run()
             batches: dict[str, list[Metric]] = {}
             for record in records:
-                self.children.append(
-                    record
-                )  # the caller's record, not a copy: made a row on upload
+                self.children.append(record)  # the caller's record, made a row on upload
                 st = self._stage(str(record.get("stage") or "search"))
                 for key in CHILD_METRICS:
                     if finite(record.get(key)) and not (key == "accuracy" and record.get("error")):
