@@ -6,8 +6,11 @@ each) and a head with no CPU (as the chart's) runs the real search: a Tune trial
 with one env runner per child in flight, the KD evaluator's Ray tasks with their
 Fashion-MNIST data and teacher-logit payload in the object store, the reward cache and child
 log actors, the run directory and MLflow (a local SQLite store). Only the KD training inside
-each child's task is replaced by a sleep of ``--seconds`` and a synthetic accuracy
-(:class:`SleepEvaluator`). For each (nodes, child duration) it measures:
+each child's task is replaced by a sleep and a synthetic accuracy
+(:class:`SleepEvaluator`). One search per cluster size runs ``--iterations`` iterations of
+children of each of the ``--seconds`` durations in turn (phases), so the cluster, the env
+runners and the payload start once per size; each phase is one point. For each (nodes, child
+duration) it measures:
 
 - children per second against the ideal ``nodes * slots / duration``;
 - the per-child overhead of the path, submit -> result -> recorded (a child's wall time as
@@ -76,13 +79,22 @@ PAYLOADS: list[Any] = []
 
 
 class SleepEvaluator(KDEvaluator):
-    """:class:`KDEvaluator` whose child task sleeps ``child_seconds`` instead of training."""
+    """:class:`KDEvaluator` whose child task sleeps instead of training: ``child_seconds``, or
+    its list in phases of ``phase_children`` children per env runner (each runner evaluates
+    one child per iteration, so a phase is that many iterations)."""
 
-    def __init__(self, child_seconds: float = 0.5, record_to: str | None = None,
-                 **kwargs: Any) -> None:  # fmt: skip
+    def __init__(self, child_seconds: float | list[float] = 0.5, phase_children: int = 0,
+                 record_to: str | None = None, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(**kwargs)
-        self.child_seconds = float(child_seconds)
+        seconds = child_seconds if isinstance(child_seconds, list) else [child_seconds]
+        self.child_seconds = [float(x) for x in seconds]
+        self.phase_children = int(phase_children)
         self.record_to = record_to
+        self._submitted = 0
+
+    def _seconds(self) -> float:
+        phase = self._submitted // self.phase_children if self.phase_children else 0
+        return self.child_seconds[min(phase, len(self.child_seconds) - 1)]
 
     def prepare(self) -> SleepEvaluator:
         fresh = not self.prepared
@@ -93,7 +105,7 @@ class SleepEvaluator(KDEvaluator):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "child_seconds": self.child_seconds,
-                "record_to": self.record_to}  # fmt: skip
+                "phase_children": self.phase_children, "record_to": self.record_to}  # fmt: skip
 
     def evaluate_many(self, children: list[Child]) -> list[ChildResult]:
         """Times the whole path (cache look-up, submit, wait, result) for the benchmark; a
@@ -113,9 +125,11 @@ class SleepEvaluator(KDEvaluator):
         return f"{super()._key(child)}-{uuid.uuid4().hex}"
 
     def _submit(self, child: Child, cache: Any) -> Any:
+        seconds = self._seconds()
+        self._submitted += 1
         return sleep_child.options(
             num_cpus=self.num_cpus, num_gpus=self.num_gpus, scheduling_strategy="DEFAULT",
-        ).remote(self.payload, child.params, self.child_seconds)  # fmt: skip
+        ).remote(self.payload, child.params, seconds)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- one point
@@ -159,9 +173,10 @@ def actor_memory() -> dict[str, dict[str, float]]:
             for name, v in sorted(by_class.items())}  # fmt: skip
 
 
-def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path,
-              teacher: Path, profile: bool) -> dict[str, Any]:  # fmt: skip
-    """Runs one search on a fresh cluster of ``nodes`` worker nodes; returns its figures."""
+def one_cluster(nodes: int, slots: int, durations: list[float], iterations: int, out: Path,
+                teacher: Path, profile: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """Runs one search on a fresh cluster of ``nodes`` worker nodes, ``iterations`` iterations
+    of children of each duration in turn; returns one point of figures per duration."""
     from ray.cluster_utils import Cluster
 
     from pipeline.config.presets import load_config
@@ -175,17 +190,18 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
     for _ in range(nodes):
         cluster.add_node(num_cpus=slots, num_gpus=slots, object_store_memory=300 * 1024**2)
     ray.init(address=cluster.address, log_to_driver=False)
-    folder = out / f"n{nodes}-s{seconds:g}"
+    folder = out / f"n{nodes}"
     runners = nodes * slots
     cfg = load_config("fashion-mnist-resnet18", [
         f"teacher.checkpoint={teacher}", f"output.run_dir={folder / 'run'}",
         f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "tracking.experiment=n2n-scale",
-        f"name=scale-n{nodes}-s{seconds:g}", "removal.enabled=false",
+        f"name=scale-n{nodes}", "removal.enabled=false",
         f"removal.episodes_per_iteration={runners}",
-        f"shrinkage.iterations={iterations}", f"shrinkage.episodes_per_iteration={runners}",
+        f"shrinkage.iterations={iterations * len(durations)}",
+        f"shrinkage.episodes_per_iteration={runners}",
         f"search.env_runners={runners}", f"search.evaluator={EVALUATOR}",
-        f"search.evaluator_kwargs={{child_seconds: {seconds}, teacher_accuracy: 0.95, "
-        f"record_to: '{folder}'}}",
+        f"search.evaluator_kwargs={{child_seconds: {durations}, phase_children: {iterations}, "
+        f"teacher_accuracy: 0.95, record_to: '{folder}'}}",
         "distill.early_stop=false",
         "ray.cpus_per_child=1", "ray.gpus_per_child=1", "finetune.top_k=1",
         "finetune.steps=1", "shrinkage.entropy_coeff=0.05",
@@ -239,56 +255,82 @@ def one_point(nodes: int, slots: int, seconds: float, iterations: int, out: Path
     finally:
         progress.StageMonitor.__init__, progress.StageMonitor.on_result = init, on_result
         job_run.top_candidates = top
-    rows = RunDir(folder / "run").children("shrinkage")
-    trained = [r for r in rows if not r["cache_hit"] and not r["error"]]
     timeline = folder / "timeline.json"
     ray.timeline(filename=str(timeline))
-    payload_nodes = payload_locations()
+    shared = {  # measured once per search, the same for each of its phases
+        "nodes": nodes, "slots": slots, "search_s_all": round(
+            marks["search_end"] - marks["search_start"], 1),
+        "driver_record_bytes_per_child": retained[1] / retained[0] if retained else None,
+        "actors": actors, "task_arg_bytes_per_child": child_arg_bytes(cfg),
+        "payload_copies": payload_locations(), "summary_children": summary["children"],
+        "time_by_name": time_by_name(timeline),
+    }  # fmt: skip
     ray.shutdown()
     cluster.shutdown()
-
-    search_s = marks["search_end"] - marks["search_start"]
-    # Each env runner's first path carries its start-up (cache actor connection, payload
-    # fetch, the first task's worker start): reported apart from the steady per-child cost.
-    runs = [[float(x) for x in f.read_text().split()] for f in folder.glob("paths-*.txt")]
-    overheads = [p - seconds for r in runs for p in r[1:]]
-    first = [r[0] - seconds for r in runs if r]
-    iters = RunDir(folder / "run").iterations()
-    iterations_s = [float(r["elapsed_s"]) for r in iters]
-    # Trained children only: a cache hit (a repeated architecture) costs no slot.
-    counts = [int(r["children_total"]) - int(r["cache_hits"]) for r in iters]
-    # Steady state: from the end of the first iteration (env runners started, payload on the
-    # nodes) to the end of the last.
-    steady = (
-        (counts[-1] - counts[0]) / (iterations_s[-1] - iterations_s[0]) if len(iters) > 1 else 0
-    )
-    per_iteration = [b - a - seconds for a, b in zip(iterations_s, iterations_s[1:], strict=False)]
-    point = {
-        "nodes": nodes, "slots": slots, "child_s": seconds, "children": len(rows),
-        "trained": len(trained), "cache_hits": sum(bool(r["cache_hit"]) for r in rows),
-        "failed": sum(bool(r["error"]) for r in rows), "search_s": round(search_s, 1),
-        "children_per_s": steady, "children_per_s_with_startup": len(trained) / search_s,
-        "ideal_per_s": nodes * slots / seconds, "startup_s": iterations_s[0] if iters else None,
-        "overhead_ms_median": 1000 * statistics.median(overheads) if overheads else None,
-        "overhead_ms_p90": 1000 * quantile(overheads, 0.9) if overheads else None,
-        "first_child_overhead_s_median": statistics.median(first) if first else None,
-        "iteration_overhead_s_median": statistics.median(per_iteration) if per_iteration else None,
-        "head_bytes_per_child": growth(samples),
-        "driver_record_bytes_per_child": retained[1] / retained[0] if retained else None,
-        "head_rss_mb": {k: v / 2**20 for k, v in samples[-1][1].items()} if samples else {},
-        "actors": actors,
-        "task_arg_bytes_per_child": child_arg_bytes(cfg),
-        "payload_copies": payload_nodes,
-        "wall_s": round(time.monotonic() - started, 1),
-        "summary_children": summary["children"],
-    }  # fmt: skip
-    point["efficiency"] = point["children_per_s"] / point["ideal_per_s"]
-    point["time_by_name"] = time_by_name(timeline)
+    shared["wall_s"] = round(time.monotonic() - started, 1)
     if profiler is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
         (folder / "driver_profile.txt").write_text(text.getvalue())
-    (folder / "point.json").write_text(json.dumps(point, indent=2, default=str) + "\n")
+
+    run_dir = RunDir(folder / "run")
+    # Each env runner's paths, in order: one per iteration, ``iterations`` per phase.
+    paths = [[float(x) for x in f.read_text().split()] for f in folder.glob("paths-*.txt")]
+    if any(len(r) != iterations * len(durations) for r in paths):
+        raise RuntimeError(f"env runners evaluated {[len(r) for r in paths]} children each, "
+                           f"not {iterations * len(durations)}: the phases are not aligned")  # fmt: skip
+    points = [
+        phase_point(shared, durations[k], k, iterations, run_dir, paths, samples)
+        for k in range(len(durations))
+    ]  # fmt: skip
+    (folder / "points.json").write_text(json.dumps(points, indent=2, default=str) + "\n")
+    return points
+
+
+def phase_point(shared: dict[str, Any], seconds: float, k: int, iterations: int,
+                run_dir: Any, paths: list[list[float]],
+                samples: list[tuple[int, dict[str, int]]]) -> dict[str, Any]:  # fmt: skip
+    """The figures of phase ``k`` (children of ``seconds``, iterations ``k * iterations + 1``
+    to ``(k + 1) * iterations``) of one search."""
+    first, last = k * iterations, (k + 1) * iterations  # iteration indices, 0-based, end open
+    rows = [r for r in run_dir.children("shrinkage") if first < int(r["iteration"]) <= last]
+    trained = [r for r in rows if not r["cache_hit"] and not r["error"]]
+    iters = run_dir.iterations()[first:last]
+    ends = [float(r["elapsed_s"]) for r in iters]
+    # Trained children only: a cache hit (a repeated architecture) costs no slot.
+    counts = [int(r["children_total"]) - int(r["cache_hits"]) for r in iters]
+    # Steady state: from the end of the phase's first iteration (env runners started and the
+    # payload on the nodes, or the children of the last phase finished) to the end of its last.
+    steady = (counts[-1] - counts[0]) / (ends[-1] - ends[0]) if len(iters) > 1 else 0.0
+    gaps = [b - a - seconds for a, b in zip(ends, ends[1:], strict=False)]
+    # Each env runner's first path carries its start-up (cache actor connection, payload
+    # fetch, the first task's worker start): reported apart from the steady per-child cost.
+    skip = 1 if k == 0 else 0
+    overheads = [p - seconds for r in paths for p in r[first + skip : last]]
+    startup = [r[0] - seconds for r in paths if r] if k == 0 else []
+    before = float(run_dir.iterations()[first - 1]["elapsed_s"]) if k else 0.0
+    phase_samples = samples[first : last + 1]  # sample i is taken after iteration i
+    nodes, slots = shared["nodes"], shared["slots"]
+    point = {
+        **{key: shared[key] for key in ("nodes", "slots")},
+        "child_s": seconds, "phase": k, "children": len(rows), "trained": len(trained),
+        "cache_hits": sum(bool(r["cache_hit"]) for r in rows),
+        "failed": sum(bool(r["error"]) for r in rows),
+        "search_s": round(ends[-1] - before, 1) if ends else None,
+        "children_per_s": steady,
+        "children_per_s_with_startup": len(trained) / (ends[-1] - before) if ends else 0.0,
+        "ideal_per_s": nodes * slots / seconds,
+        "startup_s": ends[0] if k == 0 and ends else None,
+        "overhead_ms_median": 1000 * statistics.median(overheads) if overheads else None,
+        "overhead_ms_p90": 1000 * quantile(overheads, 0.9) if overheads else None,
+        "first_child_overhead_s_median": statistics.median(startup) if startup else None,
+        "iteration_overhead_s_median": statistics.median(gaps) if gaps else None,
+        "head_bytes_per_child": growth(phase_samples),
+        "head_rss_mb": {name: v / 2**20 for name, v in phase_samples[-1][1].items()}
+        if phase_samples else {},
+        **{key: v for key, v in shared.items() if key not in ("nodes", "slots")},
+    }  # fmt: skip
+    point["efficiency"] = point["children_per_s"] / point["ideal_per_s"]
     return point
 
 
@@ -366,13 +408,15 @@ def time_by_name(timeline: Path) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 nodes, a few dozen children")
+    p.add_argument("--quick", action="store_true",
+                   help="2 nodes, 0.5 s then 1 s children, a few dozen children")  # fmt: skip
     p.add_argument("--nodes", default="1,2,4,8", help="worker node counts to sweep")
     p.add_argument("--seconds", default="0.5,5", help="child durations to sweep")
     p.add_argument("--slots", type=int, default=2,
                    help="children at once per node (each has a ~0.9 GB env runner on the head: "
                         "8 nodes x 2 slots fit 24 GB)")  # fmt: skip
-    p.add_argument("--iterations", type=int, default=10, help="search iterations per point")
+    p.add_argument("--iterations", type=int, default=10,
+                   help="search iterations per point (per child duration)")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale"))
     args = p.parse_args(argv)
     from pipeline.config import environment
@@ -381,22 +425,24 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     environment.quiet_ray_loggers()
     if args.quick:
-        args.nodes, args.seconds, args.slots, args.iterations = "2", "0.5", 2, 6
+        args.nodes, args.seconds, args.slots, args.iterations = "2", "0.5,1", 2, 4
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     teacher = make_teacher(out)
     nodes = [int(n) for n in args.nodes.split(",")]
+    durations = [float(s) for s in args.seconds.split(",")]
     points = []
-    for seconds in [float(s) for s in args.seconds.split(",")]:
-        for n in nodes:
-            print(f"nodes {n}, children of {seconds:g} s ...", flush=True)
-            point = one_point(n, args.slots, seconds, args.iterations, out, teacher,
-                              profile=n == max(nodes))  # fmt: skip
+    for n in nodes:
+        print(f"nodes {n}, children of {', '.join(f'{s:g}' for s in durations)} s ...",
+              flush=True)  # fmt: skip
+        for point in one_cluster(n, args.slots, durations, args.iterations, out, teacher,
+                                 profile=n == max(nodes)):  # fmt: skip
             points.append(point)
-            print(f"  {point['children']} children in {point['search_s']} s: "
-                  f"{point['children_per_s']:.2f}/s of {point['ideal_per_s']:.2f} ideal "
-                  f"({point['efficiency']:.0%}), overhead {point['overhead_ms_median']:.0f} ms",
-                  flush=True)  # fmt: skip
+            print(f"  {point['child_s']:g} s: {point['children']} children in "
+                  f"{point['search_s']} s: {point['children_per_s']:.2f}/s of "
+                  f"{point['ideal_per_s']:.2f} ideal ({point['efficiency']:.0%}), overhead "
+                  f"{point['overhead_ms_median']:.0f} ms", flush=True)  # fmt: skip
+    points.sort(key=lambda p: (p["child_s"], p["nodes"]))
     doc = {"points": points, "machine": {"cpus": os.cpu_count()}, "slots": args.slots}
     (out / "scale.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(table(points))

@@ -32,17 +32,25 @@ def test_quick_scale_simulation_reports_every_figure(tmp_path: Path) -> None:
         ray.shutdown()
     out = tmp_path / "scale"
     assert _scale().main(["--quick", "--out", str(out)]) == 0
-    (point,) = json.loads((out / "scale.json").read_text())["points"]
-    assert point["nodes"] == 2 and point["children"] == 6 * 4  # 6 iterations x 2 nodes x 2
-    assert point["failed"] == 0 and point["trained"] + point["cache_hits"] == point["children"]
-    assert 0 < point["efficiency"] <= 1.0 and point["ideal_per_s"] == 2 * 2 / 0.5
-    assert point["overhead_ms_median"] is not None and point["overhead_ms_median"] >= 0
-    assert set(point["head_bytes_per_child"]) == {"driver", "ChildLog", "RewardCache"}
+    fast, slow = json.loads((out / "scale.json").read_text())["points"]
+    # One search, two phases of 4 iterations: 0.5 s children, then 1 s children.
+    assert (fast["child_s"], slow["child_s"]) == (0.5, 1.0) and fast["wall_s"] == slow["wall_s"]
+    for point in (fast, slow):
+        assert point["nodes"] == 2 and point["children"] == 4 * 4  # 4 iterations x 2 nodes x 2
+        assert point["failed"] == 0
+        assert point["trained"] + point["cache_hits"] == point["children"]
+        assert 0 < point["efficiency"] <= 1.0
+        assert point["overhead_ms_median"] is not None and point["overhead_ms_median"] >= 0
+        assert set(point["head_bytes_per_child"]) == {"driver", "ChildLog", "RewardCache"}
+    assert fast["ideal_per_s"] == 2 * 2 / 0.5 and slow["ideal_per_s"] == 2 * 2 / 1.0
+    assert fast["startup_s"] > 0 and slow["startup_s"] is None
+    # The phases really slept what they say: each iteration of the second lasts over 1 s.
+    assert slow["search_s"] >= 4 * 1.0 and slow["iteration_overhead_s_median"] >= 0
     # One env runner per child in flight, on the head; the driver keeps < 2 KB per child.
-    assert point["actors"]["SingleAgentEnvRunner"]["count"] == 2 * 2
-    assert 100 < point["driver_record_bytes_per_child"] < 2048
-    assert point["task_arg_bytes_per_child"] > 10_000  # a child network travels with its task
+    assert fast["actors"]["SingleAgentEnvRunner"]["count"] == 2 * 2
+    assert 100 < fast["driver_record_bytes_per_child"] < 2048
+    assert fast["task_arg_bytes_per_child"] > 10_000  # a child network travels with its task
     # The payload (data + teacher logits) was copied to the nodes that ran children, no more.
-    assert 1 <= point["payload_copies"] <= 3
-    assert "sleep_child" in json.dumps(point["time_by_name"])
-    assert (out / "n2-s0.5" / "driver_profile.txt").read_text().strip()
+    assert 1 <= fast["payload_copies"] <= 3
+    assert "sleep_child" in json.dumps(fast["time_by_name"])
+    assert (out / "n2" / "driver_profile.txt").read_text().strip()
