@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     ray.init(
-        num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False
-    )
+        address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
+        log_to_driver=False,
+    )  # fmt: skip
     kd = KDSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     evaluator = KDEvaluator(
         teacher=teacher_dir, dataset=dataset, distill=kd, num_cpus=1, cache=False

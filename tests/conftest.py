@@ -25,6 +25,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never one that `ray start` left on this machine
             num_cpus=2,
             object_store_memory=512 * 1024**2,
             include_dashboard=False,

@@ -318,23 +318,24 @@ def test_teacher_logits_are_computed_once_per_teacher_and_images(
     monkeypatch.setattr(payload, "teacher_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = digits.train[0]
     first = payload.cached_teacher_logits(teacher.model, x)
-    assert len(calls) == 1 and torch.equal(first, logits)
+    # (the fixture's logits may come from another thread count: equal up to rounding)
+    assert len(calls) == 1 and torch.allclose(first, logits, atol=1e-5)
     [kept] = (tmp_path / "teacher-logits").glob("*.npy")
 
     payload._MEMO.clear()  # a new process: read from disk, not run again
-    assert torch.equal(payload.cached_teacher_logits(teacher.model, x), logits)
+    assert torch.equal(payload.cached_teacher_logits(teacher.model, x), first)
     assert len(calls) == 1
 
     edited = copy.deepcopy(teacher.model)  # BatchNorm statistics are part of the teacher
     next(m for m in edited.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean += 1
-    assert not torch.equal(payload.cached_teacher_logits(edited, x), logits)
+    assert not torch.allclose(payload.cached_teacher_logits(edited, x), first, atol=1e-3)
     assert len(calls) == 2
     payload.cached_teacher_logits(teacher.model, x[:-1])  # other images miss too
     assert len(calls) == 3
 
     payload._MEMO.clear()
     kept.write_bytes(b"not an array")  # damaged: computed again and rewritten
-    assert torch.equal(payload.cached_teacher_logits(teacher.model, x), logits)
+    assert torch.allclose(payload.cached_teacher_logits(teacher.model, x), first, atol=1e-5)
     assert len(calls) == 4 and np.load(kept).shape == tuple(logits.shape)
 
 

@@ -49,6 +49,35 @@ def _refused(argv: list[str], capsys, monkeypatch, cwd: Path) -> str:
 # --------------------------------------------------------------------------- at the door
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_run_starts_its_own_ray_beside_one_left_by_ray_start(tmp_path: Path) -> None:
+    """A head started with ``ray start`` (here ``cluster_utils``, which starts one the same
+    way) is what a bare ``ray.init()`` joins; a run without ``ray.address`` must not."""
+    from ray.cluster_utils import Cluster
+
+    other = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False}
+    )
+    try:
+        script = (
+            "import ray\n"
+            "from pipeline.cluster.runtime import init_ray\n"
+            "from pipeline.config.presets import load_config\n"
+            "assert init_ray(load_config('demo', ['ray.num_cpus=1']))\n"
+            "print(ray.cluster_resources().get('CPU'), ray.get_runtime_context().gcs_address)\n"
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("RAY_ADDRESS", None)
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        cpus, address = done.stdout.split()[-2:]
+        assert float(cpus) == 1.0 and address != other.address
+    finally:
+        other.shutdown()
+
+
 def test_an_unreachable_address_exits_2_within_30_s_and_leaves_nothing(tmp_path: Path) -> None:
     ray_tmp = tmp_path / "ray-tmp"
     ray_tmp.mkdir()

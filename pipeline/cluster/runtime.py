@@ -29,8 +29,10 @@ def init_ray(cfg: RunConfig) -> bool:
     before = signal.getsignal(signal.SIGTERM)
     if address := ray_address(cfg):
         ray.init(address=address, log_to_driver=False)
-    else:
+    else:  # "local": a new cluster even beside one `ray start` left on this machine, which
+        # ray.init() would join instead, and then refuse num_cpus with a ValueError
         ray.init(
+            address="local",
             num_cpus=cfg.ray.num_cpus,
             num_gpus=cfg.ray.num_gpus,
             object_store_memory=cfg.ray.object_store_mb * 1024**2,
