@@ -46,7 +46,7 @@ bench: $(STAMP)
 
 ## The head-to-head benchmark on Fashion-MNIST (N2N PPO/APPO, random, classic compressors).
 compare: $(STAMP) system-deps
-	$(BIN)/python benchmarks/compare.py
+	$(BIN)/python benchmarks/compare.py --seeds 3
 
 ## The same on digits with tiny budgets (minutes).
 compare-quick: $(STAMP)

@@ -14,11 +14,13 @@ on the same test split, at the same parameter budgets (teacher/10 and teacher/20
 
 Seeds change the data order, the policy and the children's training; the teacher is fixed.
 Each (method, seed[, budget]) cell keeps its ``result.json`` and is not run again (``--fresh``
-reruns), so an interrupted benchmark continues where it stopped.
+reruns), so an interrupted benchmark continues where it stopped. For the Fashion-MNIST preset
+the teacher and every cell's ``result.json`` are kept in git (see ``.gitignore``): the full
+comparison takes longer than one working session, and it continues in the next.
 
 Usage::
 
-    .venv/bin/python benchmarks/compare.py --teacher runs/teacher-fmnist-r18 --seeds 3
+    .venv/bin/python benchmarks/compare.py --seeds 3    # trains its teacher into --out first
     .venv/bin/python benchmarks/compare.py --quick      # digits, minutes (used by a test)
 
 Outputs in ``--out``: ``table.md`` (mean ± std over seeds, the test set's standard error, the
@@ -273,12 +275,15 @@ def machine() -> dict[str, Any]:
     ) if Path("/proc/cpuinfo").is_file() else platform.processor()  # fmt: skip
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            "envs", "pipeline", "configs", "benchmarks/compare.py"],
+                           cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
     return {
         "cpus": os.cpu_count(),
         "cpu": cpu,
         "gpu": torch.cuda.is_available(),
         "torch": torch.__version__,
-        "commit": commit,
+        "commit": commit + ("+changes" if dirty else ""),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 
@@ -369,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                                        extra)  # fmt: skip
                     result = run_cell(method, ccfg, splits, None if budget else budgets)
                     result["budget_target"] = budget
+                    # A benchmark may span sessions: each cell says where and at which commit.
+                    result["machine"] = machine()
                     if method in SEARCHES:
                         result["curve"] = RunDir(folder / "run").best_curve()
                     folder.mkdir(parents=True, exist_ok=True)
