@@ -25,8 +25,9 @@ Usage::
 
 Outputs in ``--out``: ``table.md`` (mean ± std over seeds, the test set's standard error, the
 training cost), ``results.json`` (every record, the machine, the settings), ``pareto.png``
-(test accuracy against parameters) and ``curves.png`` (best search reward against children
-evaluated, PPO against random search), all logged to MLflow as one parent run.
+(test accuracy against parameters) and ``curves.png`` (best search reward and each iteration's
+mean reward against children evaluated, PPO against random search, per budget and seed), all
+logged to MLflow as one parent run.
 """
 
 from __future__ import annotations
@@ -247,21 +248,46 @@ def pareto_figure(summary: list[dict[str, Any]], teacher: dict[str, Any]) -> Any
     return fig
 
 
-def curves_figure(curves: dict[str, list[list[float]]]) -> Any:
-    """Best search reward against children evaluated, one line per seed."""
+def learning(run_dir: Path) -> dict[str, Any]:
+    """A search's learning curve from its run folder: the best reward after each child, and
+    the mean reward of each iteration's children at the number of children evaluated by its
+    end (a failed child counts -1, as in the search). Empty where the folder is gone."""
+    from pipeline.tracking.rundir import RunDir
+
+    rows = RunDir(run_dir).children() if (run_dir / "children.csv").is_file() else []
+    best, curve, groups = -math.inf, [], {}
+    for n, row in enumerate(rows, 1):
+        reward = -1.0 if row.get("error") else float(row["reward"])
+        best = max(best, reward)
+        curve.append(best)
+        key = (row["stage"], row["trial"], int(row["iteration"]))
+        groups.setdefault(key, []).append((n, reward))
+    means = [(max(n for n, _ in g), statistics.fmean(r for _, r in g)) for g in groups.values()]
+    return {"best": curve, "iteration_means": sorted(means)}
+
+
+def curves_figure(curves: dict[str, list[dict[str, Any]]]) -> Any:
+    """Per search and budget, one line per seed: the best reward found after each child (left)
+    and the mean reward of each iteration's children (right), against children evaluated."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 4.5), dpi=120)
-    ax = fig.add_subplot()
-    for (label, runs), color in zip(sorted(curves.items()), ("C0", "C1", "C2", "C3", "C4", "C5"),
-                                    strict=False):  # fmt: skip
-        for i, curve in enumerate(runs):
-            ax.plot(range(1, len(curve) + 1), curve, color=color, alpha=0.8,
-                    label=label if i == 0 else None)  # fmt: skip
-    ax.set_xlabel("children evaluated")
-    ax.set_ylabel("best search reward so far")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    fig = Figure(figsize=(11, 4.5), dpi=120)
+    best_ax, mean_ax = fig.subplots(1, 2)
+    colors = ("C0", "C1", "C2", "C3", "C4", "C5")
+    for (label, runs), color in zip(sorted(curves.items()), colors, strict=False):
+        for i, run in enumerate(runs):
+            name = label if i == 0 else None
+            best_ax.plot(range(1, len(run["best"]) + 1), run["best"], color=color, alpha=0.8,
+                         label=name)  # fmt: skip
+            if run.get("iteration_means"):
+                xs, ys = zip(*run["iteration_means"], strict=True)
+                mean_ax.plot(xs, ys, color=color, alpha=0.8, marker=".", label=name)
+    best_ax.set_ylabel("best search reward so far")
+    mean_ax.set_ylabel("mean reward of an iteration's children")
+    for ax in (best_ax, mean_ax):
+        ax.set_xlabel("children evaluated")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -353,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in METHODS if m in args.methods.split(",")]
 
     results: list[dict[str, Any]] = []
-    curves: dict[str, list[list[float]]] = {}
+    curves: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         for seed in range(1 if method in single else args.seeds):
             cells = ([(f"{method}/x{f:g}/s{seed}", [f"budget.compression={f}"], b)
@@ -381,8 +407,10 @@ def main(argv: list[str] | None = None) -> int:
                     folder.mkdir(parents=True, exist_ok=True)
                     result_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
                 results.append(result)
-                if method in SEARCHES and budget == budgets[0]:
-                    curves.setdefault(f"{method} (<= {budget:,})", []).append(result["curve"])
+                if method in SEARCHES:
+                    curve = learning(folder / "run")
+                    curve["best"] = result["curve"]  # kept in result.json, so never lost
+                    curves.setdefault(f"{method} (<= {budget:,})", []).append(curve)
 
     teacher = results[0]["teacher"] if results else {}
     rows = rows_of(results, teacher, budgets)
@@ -393,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         curves_figure(curves).savefig(out / "curves.png")
     doc = {"preset": preset, "overrides": base, "budgets": budgets, "seeds": args.seeds,
            "machine": machine(), "teacher": teacher, "rows": rows, "summary": summary,
+           "curves": curves,
            "wall_time_s": round(time.monotonic() - started, 1)}  # fmt: skip
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     run_id = log_mlflow(args, out, doc)
