@@ -25,9 +25,9 @@ Usage::
 
 Outputs in ``--out``: ``table.md`` (mean ± std over seeds, the test set's standard error, the
 training cost), ``results.json`` (every record, the machine, the settings), ``pareto.png``
-(test accuracy against parameters) and ``curves.png`` (best search reward and each iteration's
-mean reward against children evaluated, PPO against random search, per budget and seed), all
-logged to MLflow as one parent run.
+(test accuracy against parameters) and ``curves.png`` (per stage, the best search reward and
+each iteration's mean reward against children evaluated, PPO against random search, per budget
+and seed), all logged to MLflow as one parent run.
 """
 
 from __future__ import annotations
@@ -79,12 +79,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default sqlite in --out)")
     p.add_argument("--experiment", default="n2n-compare", help="MLflow experiment")
     p.add_argument("--fresh", action="store_true", help="rerun cells that already have results")
+    p.add_argument("--report", action="store_true",
+                   help="only build the table and plots from the cells finished so far (no "
+                        "training, no Ray, no MLflow): for a comparison that spans sessions")  # fmt: skip
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
         p.error(f"--methods {','.join(unknown)} unknown; choose from {','.join(METHODS)}")
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds} must be at least 1")
+    if args.report and args.fresh:
+        p.error("--report reads finished cells and --fresh reruns them; pass one of the two")
     return args
 
 
@@ -248,46 +253,58 @@ def pareto_figure(summary: list[dict[str, Any]], teacher: dict[str, Any]) -> Any
     return fig
 
 
-def learning(run_dir: Path) -> dict[str, Any]:
-    """A search's learning curve from its run folder: the best reward after each child, and
-    the mean reward of each iteration's children at the number of children evaluated by its
-    end (a failed child counts -1, as in the search). Empty where the folder is gone."""
+STAGES = ("removal", "shrinkage")
+
+
+def learning(run_dir: Path) -> dict[str, dict[str, list]]:
+    """A search's learning curves per stage, from its run folder: the best reward after each
+    child of the stage, and the mean reward of each iteration's children at the number of the
+    stage's children evaluated by its end (a failed child counts -1, as in the search). The
+    stages' rewards live on different scales (under a budget no removal child fits, so removal
+    rewards are negative), hence one curve each. Empty where the folder is gone."""
     from pipeline.tracking.rundir import RunDir
 
     rows = RunDir(run_dir).children() if (run_dir / "children.csv").is_file() else []
-    best, curve, groups = -math.inf, [], {}
-    for n, row in enumerate(rows, 1):
-        reward = -1.0 if row.get("error") else float(row["reward"])
-        best = max(best, reward)
-        curve.append(best)
-        key = (row["stage"], row["trial"], int(row["iteration"]))
-        groups.setdefault(key, []).append((n, reward))
-    means = [(max(n for n, _ in g), statistics.fmean(r for _, r in g)) for g in groups.values()]
-    return {"best": curve, "iteration_means": sorted(means)}
+    out = {}
+    for stage in STAGES:
+        best, curve, groups = -math.inf, [], {}
+        for n, row in enumerate((r for r in rows if r["stage"] == stage), 1):
+            reward = -1.0 if row.get("error") else float(row["reward"])
+            best = max(best, reward)
+            curve.append(best)
+            groups.setdefault((row["trial"], int(row["iteration"])), []).append((n, reward))
+        means = [(max(n for n, _ in g), statistics.fmean(r for _, r in g)) for g in groups.values()]
+        if curve:
+            out[stage] = {"best": curve, "iteration_means": sorted(means)}
+    return out
 
 
 def curves_figure(curves: dict[str, list[dict[str, Any]]]) -> Any:
-    """Per search and budget, one line per seed: the best reward found after each child (left)
-    and the mean reward of each iteration's children (right), against children evaluated."""
+    """Per search and budget, one line per seed, one row per stage: the best reward found after
+    each child (left) and the mean reward of each iteration's children (right), against the
+    stage's children evaluated."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.5), dpi=120)
-    best_ax, mean_ax = fig.subplots(1, 2)
+    fig = Figure(figsize=(11, 8), dpi=120)
+    axes = fig.subplots(len(STAGES), 2, squeeze=False)
     colors = ("C0", "C1", "C2", "C3", "C4", "C5")
     for (label, runs), color in zip(sorted(curves.items()), colors, strict=False):
         for i, run in enumerate(runs):
-            name = label if i == 0 else None
-            best_ax.plot(range(1, len(run["best"]) + 1), run["best"], color=color, alpha=0.8,
-                         label=name)  # fmt: skip
-            if run.get("iteration_means"):
-                xs, ys = zip(*run["iteration_means"], strict=True)
+            for (best_ax, mean_ax), stage in zip(axes, STAGES, strict=True):
+                if stage not in run.get("stages", {}):
+                    continue
+                curve, name = run["stages"][stage], label if i == 0 else None
+                best_ax.plot(range(1, len(curve["best"]) + 1), curve["best"], color=color,
+                             alpha=0.8, label=name)  # fmt: skip
+                xs, ys = zip(*curve["iteration_means"], strict=True)
                 mean_ax.plot(xs, ys, color=color, alpha=0.8, marker=".", label=name)
-    best_ax.set_ylabel("best search reward so far")
-    mean_ax.set_ylabel("mean reward of an iteration's children")
-    for ax in (best_ax, mean_ax):
-        ax.set_xlabel("children evaluated")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    for (best_ax, mean_ax), stage in zip(axes, STAGES, strict=True):
+        best_ax.set_ylabel(f"{stage}: best reward so far")
+        mean_ax.set_ylabel(f"{stage}: mean reward per iteration")
+        for ax in (best_ax, mean_ax):
+            ax.set_xlabel(f"{stage} children evaluated")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -366,10 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(preset, [*base, "data.split_seed=0"])
     console = Console(highlight=False)
     started = time.monotonic()
-    init_ray(cfg)
-    splits = load_splits(cfg)
     teacher_dir = Path(args.teacher).resolve() if args.teacher else out / "teacher"
-    if not (teacher_dir / "weights.pt").is_file():
+    if args.report and not (teacher_dir / "metrics.json").is_file():
+        console.print(f"--report: no teacher in {teacher_dir}; run the comparison first")
+        return 2
+    splits = None
+    if not args.report:
+        init_ray(cfg)
+        splits = load_splits(cfg)
+    if not args.report and not (teacher_dir / "weights.pt").is_file():
         console.print(f"[bold]teacher[/]: training {cfg.teacher.arch} into {teacher_dir}")
         prepare_teacher(cfg, splits, teacher_dir, progress=True)
     teacher_params = json.loads((teacher_dir / "metrics.json").read_text())["params"]
@@ -379,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in METHODS if m in args.methods.split(",")]
 
     results: list[dict[str, Any]] = []
+    missing: list[str] = []
     curves: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         for seed in range(1 if method in single else args.seeds):
@@ -390,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                 result_file = folder / "result.json"
                 if result_file.is_file() and not args.fresh:
                     result = json.loads(result_file.read_text())
+                elif args.report:
+                    missing.append(name)
+                    continue
                 else:
                     shutil.rmtree(folder, ignore_errors=True)
                     extra = [*extra, *equal_cost(method, out, seed, factors)]
@@ -408,24 +434,34 @@ def main(argv: list[str] | None = None) -> int:
                     result_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
                 results.append(result)
                 if method in SEARCHES:
-                    curve = learning(folder / "run")
-                    curve["best"] = result["curve"]  # kept in result.json, so never lost
+                    # The whole search's best-so-far is kept in result.json, so never lost.
+                    curve = {"best": result["curve"], "stages": learning(folder / "run")}
                     curves.setdefault(f"{method} (<= {budget:,})", []).append(curve)
 
+    if args.report and not results:
+        console.print(f"--report: no finished cell in {out} yet")
+        return 2
     teacher = results[0]["teacher"] if results else {}
     rows = rows_of(results, teacher, budgets)
-    summary = summarise(rows, len(splits.test[1]))
-    (out / "table.md").write_text(markdown(summary, teacher))
+    n_test = (len(splits.test[1]) if splits is not None
+              else json.loads((teacher_dir / "metrics.json").read_text())["dataset"]["test"])  # fmt: skip
+    summary = summarise(rows, n_test)
+    partial = (f"\nPartial: {len(missing)} cells not run yet ({', '.join(missing)}).\n"
+               if missing else "")  # fmt: skip
+    (out / "table.md").write_text(markdown(summary, teacher) + partial)
     pareto_figure(summary, teacher).savefig(out / "pareto.png")
     if curves:
         curves_figure(curves).savefig(out / "curves.png")
     doc = {"preset": preset, "overrides": base, "budgets": budgets, "seeds": args.seeds,
            "machine": machine(), "teacher": teacher, "rows": rows, "summary": summary,
-           "curves": curves,
+           "curves": curves, "missing": missing,
            "wall_time_s": round(time.monotonic() - started, 1)}  # fmt: skip
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    run_id = log_mlflow(args, out, doc)
     console.print((out / "table.md").read_text())
+    if args.report:
+        console.print(f"results in {out} (not logged to MLflow: --report)")
+        return 0
+    run_id = log_mlflow(args, out, doc)
     console.print(f"results in {out}; MLflow parent run {run_id}")
     return 0
 

@@ -61,15 +61,18 @@ def test_quick_compare_runs_every_method_at_both_budgets_and_logs_one_parent_run
     sparse = [r for r in rows if r["method"] == "l1-unstructured"]
     assert all(r["params"] == teacher["params"] > r["nonzero_params"] for r in sparse)
 
-    # The learning curves: per search, budget and seed, the best reward after each child and
-    # each iteration's mean, placed at the number of children evaluated by its end.
+    # The learning curves: per search, budget, seed and stage, the best reward after each
+    # child and each iteration's mean, placed at the number of children evaluated by its end.
     assert {label.split(" ")[0] for label in doc["curves"]} == {"n2n-ppo", "random"}
     for runs in doc["curves"].values():
         for run in runs:
-            xs = [x for x, _ in run["iteration_means"]]
-            assert xs == sorted(xs) and xs[-1] == len(run["best"]), run
-            assert run["best"] == sorted(run["best"])  # best so far never falls
-            assert max(y for _, y in run["iteration_means"]) <= run["best"][-1]
+            assert set(run["stages"]) == {"removal", "shrinkage"}
+            assert len(run["best"]) == sum(len(c["best"]) for c in run["stages"].values())
+            for curve in run["stages"].values():
+                xs = [x for x, _ in curve["iteration_means"]]
+                assert xs == sorted(xs) and xs[-1] == len(curve["best"]), curve
+                assert curve["best"] == sorted(curve["best"])  # best so far never falls
+                assert max(y for _, y in curve["iteration_means"]) <= curve["best"][-1]
 
     table = (out / "table.md").read_text()
     assert table.startswith("| budget | method |") and "standard error" in table
