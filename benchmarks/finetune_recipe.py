@@ -7,11 +7,13 @@ time as Ray tasks like the real fine-tuning, and measures validation and test ac
 
 Usage::
 
-    .venv/bin/python benchmarks/finetune_recipe.py --teacher runs/teacher-fmnist-r18
+    .venv/bin/python benchmarks/finetune_recipe.py \
+        --teacher benchmarks/results/compare-fashion-mnist-resnet18/teacher
     .venv/bin/python benchmarks/finetune_recipe.py --quick   # digits, a few minutes
 
 Writes ``recipes.json`` and ``recipes.md`` to ``--out``; each recipe's result is kept in
-``done/`` as it finishes, so a rerun resumes.
+``done/`` as it finishes, so a rerun resumes (for the Fashion-MNIST preset ``done/`` is kept in
+git, beside the comparison's teacher it uses).
 """
 
 from __future__ import annotations
