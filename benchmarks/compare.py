@@ -446,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     n_test = (len(splits.test[1]) if splits is not None
               else json.loads((teacher_dir / "metrics.json").read_text())["dataset"]["test"])  # fmt: skip
     summary = summarise(rows, n_test)
-    partial = (f"\nPartial: {len(missing)} cells not run yet ({', '.join(missing)}).\n"
-               if missing else "")  # fmt: skip
+    partial = (f"\nPartial: {len(missing)} of {len(missing) + len(results)} cells not run "
+               f"yet ({', '.join(missing)}).\n" if missing else "")  # fmt: skip
     (out / "table.md").write_text(markdown(summary, teacher) + partial)
     pareto_figure(summary, teacher).savefig(out / "pareto.png")
     if curves:

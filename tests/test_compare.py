@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,12 @@ def test_quick_compare_runs_every_method_at_both_budgets_and_logs_one_parent_run
     before = {c: c.read_text() for c in cells}
     assert compare.main(argv) == 0
     assert {c: c.read_text() for c in cells} == before
+
+    # --report builds the table from the finished cells alone, trains nothing, names the rest.
+    shutil.rmtree(out / "kd-student")
+    assert compare.main([*argv, "--report"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["missing"] == ["kd-student/s0"]
+    assert "kd-student" not in {s["method"] for s in doc["summary"]}
+    assert "Partial: 1 of 10 cells not run yet (kd-student/s0)." in (out / "table.md").read_text()
+    assert not (out / "kd-student").exists()
