@@ -77,6 +77,10 @@ def test_quick_compare_runs_every_method_at_both_budgets_and_logs_one_parent_run
 
     table = (out / "table.md").read_text()
     assert table.startswith("| budget | method |") and "standard error" in table
+    # The search weighed against every rival at both budgets (one seed each: no SE yet).
+    margins = {(m["rival"], m["budget"]) for m in doc["margins"] if m["method"] == "n2n-ppo"}
+    assert margins == {(r, b) for r in compare.RIVALS for b in budgets}
+    assert f"n2n-ppo at <= {budgets[0]:,} against random" in table
     assert all(f"| {m}" in table for m in METHODS)
     for name in ("pareto.png", "curves.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -104,3 +108,46 @@ def test_quick_compare_runs_every_method_at_both_budgets_and_logs_one_parent_run
     assert "kd-student" not in {s["method"] for s in doc["summary"]}
     assert "Partial: 1 of 10 cells not run yet (kd-student/s0)." in (out / "table.md").read_text()
     assert not (out / "kd-student").exists()
+
+
+def _rows(method: str, budget: int, accuracies: list[float]) -> list[dict]:
+    return [{"method": method, "seed": seed, "budget": budget, "params": budget,
+             "nonzero_params": budget, "flops": 1, "val_accuracy": acc, "test_accuracy": acc,
+             "delta_points": 0.0, "within": True, "kd_steps": 1, "teacher_forwards": 1,
+             "wall_time_s": 1.0} for seed, acc in enumerate(accuracies)]  # fmt: skip
+
+
+def test_margins_weigh_each_search_against_each_rival_in_standard_errors_of_the_difference():
+    compare = _compare()
+    rows = [*_rows("n2n-ppo", 100, [0.93, 0.92, 0.94]), *_rows("slimming", 100, [0.92] * 3),
+            *_rows("structured-l1", 100, [0.90, 0.94, 0.95]), *_rows("kd-student", 100, [0.90]),
+            *_rows("l1-unstructured", 100, [0.99]), *_rows("slimming", 50, [0.5] * 3)]  # fmt: skip
+    margins = {
+        (m["budget"], m["rival"]): m for m in compare.margins(compare.summarise(rows, 10000))
+    }
+    # Only searches are weighed, only against the rivals at their own budget; a sparse
+    # (l1-unstructured) model is no rival for a dense one.
+    assert set(margins) == {(100, "slimming"), (100, "structured-l1"), (100, "kd-student")}
+    slim = margins[(100, "slimming")]
+    assert slim["points"] == pytest.approx(1.0)
+    assert slim["se"] == pytest.approx(100 * 0.01 / 3**0.5)  # n2n's spread alone
+    assert slim["standard_errors"] == pytest.approx(3**0.5)
+    structured = margins[(100, "structured-l1")]
+    assert structured["points"] == pytest.approx(0.0, abs=1e-9)
+    # Welch: both spreads, each over its own seeds (structured-l1's stdev is sqrt(0.0007)).
+    assert structured["se"] == pytest.approx(100 * ((0.0001 + 0.0007) / 3) ** 0.5)
+    assert margins[(100, "kd-student")]["se"] is None  # one seed: no spread to weigh it by
+    text = compare.margin_lines(list(margins.values()))
+    assert "n2n-ppo at <= 100 against slimming +1.00 points (+1.7 SE)" in text
+    assert "kd-student +3.00 points (one seed)" in text
+
+
+def test_the_sparse_variant_starts_the_search_where_slimming_starts(tmp_path) -> None:
+    compare = _compare()
+    cfg = compare.cell_config([], "demo", "n2n-ppo-sparse", 1, tmp_path / "t", tmp_path / "r", [])
+    plain = compare.cell_config([], "demo", "n2n-ppo", 1, tmp_path / "t", tmp_path / "r", [])
+    assert cfg.search.algo == plain.search.algo == "ppo"
+    assert cfg.search.sparsity_steps == cfg.baseline.sparsity_steps > 0
+    assert cfg.search.sparsity_l1 == cfg.baseline.sparsity_l1
+    assert (cfg.shrinkage.importance, plain.shrinkage.importance) == ("bn", "l1")
+    assert plain.search.sparsity_steps == 0
