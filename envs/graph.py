@@ -18,6 +18,7 @@ helpers here, and split apart each part would reach into the others' internals.
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,13 +211,24 @@ class _Tracer(fx.Tracer):
             self.path.pop()
 
 
+# torch.fx patches functions through one process-wide patcher (``CURRENT_PATCHER``) and
+# tracing writes to the traced module, so two traces at once corrupt each other; random search
+# steps its envs in threads. One trace at a time in a process.
+_TRACE_LOCK = threading.Lock()
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically traces ``model``; raises :class:`TraceError` naming the failing module."""
+    """Symbolically traces ``model``; raises :class:`TraceError` naming the failing module.
+
+    Safe to call from several threads: traces take turns.
+    """
     if isinstance(model, fx.GraphModule):
         return model
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model)
+        with _TRACE_LOCK:
+            graph = tracer.trace(model)
+            return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as err:
         where = tracer.failed_in or type(model).__name__
         raise TraceError(
@@ -224,7 +236,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"{str(err).splitlines()[0][:200]}); make its forward free of data-dependent "
             "control flow or wrap it with torch.fx.wrap"
         ) from err
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 class _ShapeFlopProp(fx.Interpreter):

@@ -375,3 +375,19 @@ def test_a_removal_that_would_grow_the_network_is_left_out():
         count_params(child)
         == count_params(model) - count_params(model.b) - count_params(model.c) + (32 - 64) * 10
     )
+
+
+def test_traces_in_threads_at_once_do_not_corrupt_each_other():
+    # torch.fx patches functions through one process-wide patcher, and random search steps its
+    # envs in threads: two traces at once failed a Fashion-MNIST search ("CURRENT_PATCHER is
+    # None in finally block").
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = build_model({"arch": "resnet18", "kwargs": {"width": 0.25}})
+
+    def many(_: int) -> int:
+        return sum(len(trace(model).graph.nodes) for _ in range(15))
+
+    with ThreadPoolExecutor(4) as pool:
+        counts = list(pool.map(many, range(4)))
+    assert len(set(counts)) == 1, counts
