@@ -225,6 +225,37 @@ def test_env_runners_draw_different_children(ray_cluster, tmp_path: Path) -> Non
         assert len(actions) == 8 and len(set(actions)) > 4, actions
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_random_search_with_two_workers_builds_every_child_and_repeats_itself(
+    ray_cluster, tmp_path: Path
+) -> None:
+    """Random search once played its env runners in threads of one process: torch.fx's
+    process-wide patching and the envs' global random state made concurrent surgeries fail
+    ("CURRENT_PATCHER is None", "module is not installed as a submodule") and the draws
+    depend on timing. A ResNet-18 makes each trace long, a budget makes every shrinkage step
+    several surgeries (the cap's bisection), and the synthetic evaluator leaves little else, so
+    the two workers overlap all along (the threads failed 3 of 26 children here)."""
+    children = []
+    for attempt in (1, 2):
+        cfg = load_config(
+            "demo",
+            _settings(
+                tmp_path / str(attempt), "search.algo=random", "search.env_runners=2",
+                "search.evaluator=envs.evaluation:SyntheticEvaluator", "budget.compression=6",
+                "teacher.arch=resnet18", "teacher.width=0.25", "teacher.epochs=1",
+                "removal.iterations=2", "removal.episodes_per_iteration=4",
+                "shrinkage.iterations=3", "shrinkage.episodes_per_iteration=6",
+            ),
+        ).resolve_paths()  # fmt: skip
+        run(cfg, tracker=None)
+        rows = RunDir(cfg.output.run_dir).children()
+        assert len(rows) == 2 * 4 + 3 * 6
+        assert [r["error"] for r in rows if r["error"]] == []
+        children.append(sorted((r["stage"], r["iteration"], r["arch_hash"]) for r in rows))
+    assert children[0] == children[1]
+
+
 def _run(argv: list[str]) -> int:
     from pipeline.cli.main import main
 

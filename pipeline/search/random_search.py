@@ -3,21 +3,25 @@
 It samples uniformly from the same action space as the RL policy and evaluates the same
 number of children (``iterations * episodes_per_iteration``), through the same env, recorder
 and evaluator, reporting to Tune per iteration exactly like an RLlib stage trial. Children in
-one iteration run in ``env_runners`` threads, each waiting on its child's evaluation, so the
-evaluations in flight match the RL search's.
+one iteration are played by ``env_runners`` env workers, each a Ray actor in the trial's
+placement group waiting on its child's evaluation, so the evaluations in flight match the RL
+search's. Processes, not threads, as RLlib's env runners: surgery traces with ``torch.fx``,
+which patches ``nn.Module.__call__`` process-wide while it traces, and the envs save and
+restore the global random state around each child; threads sharing a process corrupted each
+other's children.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import ray
 
 from pipeline.search import trial_state
-from pipeline.search.records import make_env
+from pipeline.search.records import ON_HEAD, RUNNER_CPUS, make_env
 
 logger = logging.getLogger(__name__)
 
@@ -48,38 +52,50 @@ def random_search(settings: dict[str, Any], env_config: dict[str, Any]) -> None:
     """
     start, best = trial_state.restore()
     per_iteration = settings["episodes_per_iteration"]
-    workers = max(1, min(settings["env_runners"], per_iteration))
-    envs = [make_env(settings["stage"], env_config) for _ in range(workers)]
+    cpus = settings.get("runner_cpus", RUNNER_CPUS)
+    workers = [
+        EnvWorker.options(num_cpus=cpus, resources=ON_HEAD).remote(settings["stage"], env_config)
+        for _ in range(random_workers(settings))
+    ]
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            for iteration in range(start + 1, settings["iterations"] + 1):
-                seeds = np.random.SeedSequence([settings["seed"], iteration]).spawn(per_iteration)
-                returns = _parallel(envs, seeds, pool)
-                best = max(best, max(returns))
-                metrics = {
-                    "iteration": iteration,
-                    "iterations_total": settings["iterations"],
-                    "episodes": len(returns),
-                    "episodes_expected": per_iteration,
-                    "reward_mean": float(np.mean(returns)),
-                    "reward_max": float(np.max(returns)),
-                    "reward_min": float(np.min(returns)),
-                    "best_reward": best,
-                }
-                trial_state.report(metrics, iteration, best)
+        for iteration in range(start + 1, settings["iterations"] + 1):
+            seeds = np.random.SeedSequence([settings["seed"], iteration]).spawn(per_iteration)
+            # Worker w plays seeds w, w + n, ...; the returns come back in the seeds' order.
+            chunks = ray.get(
+                [w.play.remote(seeds[i :: len(workers)]) for i, w in enumerate(workers)]
+            )
+            returns = [0.0] * per_iteration
+            for i, chunk in enumerate(chunks):
+                returns[i :: len(workers)] = chunk
+            best = max(best, max(returns))
+            metrics = {
+                "iteration": iteration,
+                "iterations_total": settings["iterations"],
+                "episodes": len(returns),
+                "episodes_expected": per_iteration,
+                "reward_mean": float(np.mean(returns)),
+                "reward_max": float(np.max(returns)),
+                "reward_min": float(np.min(returns)),
+                "best_reward": best,
+            }
+            trial_state.report(metrics, iteration, best)
     finally:
-        for env in envs:
-            env.close()
+        for worker in workers:
+            ray.kill(worker)
 
 
-def _parallel(
-    envs: list[gym.Env], seeds: list[np.random.SeedSequence], pool: ThreadPoolExecutor
-) -> list[float]:
-    """Plays one episode per seed, each env running one episode at a time."""
+def random_workers(settings: dict[str, Any]) -> int:
+    """Env workers of a random-search stage: ``env_runners``, at most one per episode."""
+    return max(1, min(settings["env_runners"], settings["episodes_per_iteration"]))
 
-    def run(worker: int) -> list[float]:
-        mine = seeds[worker :: len(envs)]
-        return [random_episode(envs[worker], np.random.default_rng(s)) for s in mine]
 
-    chunks = list(pool.map(run, range(len(envs))))
-    return [r for chunk in chunks for r in chunk]
+@ray.remote(num_cpus=0)
+class EnvWorker:
+    """One env in its own process, playing random episodes (an RLlib env runner's part)."""
+
+    def __init__(self, stage: str, env_config: dict[str, Any]) -> None:
+        self.env = make_env(stage, env_config)
+
+    def play(self, seeds: list[np.random.SeedSequence]) -> list[float]:
+        """One episode per seed, in order; their returns."""
+        return [random_episode(self.env, np.random.default_rng(s)) for s in seeds]

@@ -22,6 +22,7 @@ from ray.rllib.algorithms.ppo import PPOConfig
 from envs.graph import COL
 from pipeline.search.learner import APPROX_KL, CLIP_FRACTION, DiagnosedPPOLearner
 from pipeline.search.policies import module_spec
+from pipeline.search.random_search import random_workers
 from pipeline.search.records import ON_HEAD, RUNNER_CPUS, register_envs
 
 
@@ -107,11 +108,11 @@ def _action_space(settings: dict[str, Any]) -> gym.Space:
 
 
 def trial_resources(settings: dict[str, Any]) -> tune.PlacementGroupFactory:
-    """What a stage trial reserves: its main process plus one bundle per env runner."""
+    """What a stage trial reserves: its main process plus one bundle per env runner (random
+    search's env workers too)."""
     if settings["algo"] == "random":
-        return tune.PlacementGroupFactory(
-            [{"CPU": settings.get("runner_cpus", RUNNER_CPUS), **ON_HEAD}]
-        )
+        bundle = {"CPU": settings.get("runner_cpus", RUNNER_CPUS), **ON_HEAD}
+        return tune.PlacementGroupFactory([bundle] * (1 + random_workers(settings)))
     config = algo_config(settings)
     return config.algo_class.default_resource_request(config)
 
