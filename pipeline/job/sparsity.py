@@ -12,17 +12,40 @@ whose scales survived the penalty.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import ray
+from torch import nn
 
 from envs.checkpoint import save_checkpoint
 from envs.costs import model_costs
 from pipeline.children.payload import make_payload
 from pipeline.children.students import finetune_settings, train_student_task
+from pipeline.config.schema import RunConfig
 from pipeline.data.teachers import Teacher, load_teacher
 from pipeline.job.context import Job
 
 FOLDER = "sparse_teacher"
+
+
+def sparsity_phase(
+    cfg: RunConfig, payload: ray.ObjectRef, teacher: nn.Module, steps: int, l1: float
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of ``teacher`` after ``steps`` KD steps of the fine-tuning recipe with an L1
+    penalty ``l1`` on its BatchNorm scales, as one Ray task; the copy and the task's result."""
+    model = copy.deepcopy(teacher)
+    settings = finetune_settings(cfg, steps)
+    out = ray.get(
+        train_student_task.options(
+            num_cpus=cfg.ray.cpus_per_child, num_gpus=cfg.ray.gpus_per_child,
+            scheduling_strategy="DEFAULT",
+        ).remote(
+            payload, model, settings, None, max(1, int(cfg.ray.cpus_per_child)), l1,
+            teacher if settings.augment != "none" else None,
+        )
+    )  # fmt: skip
+    model.load_state_dict(out["state_dict"])
+    return model, out
 
 
 def sparse_source(job: Job) -> Teacher:
@@ -37,18 +60,9 @@ def sparse_source(job: Job) -> Teacher:
         payload = getattr(job.evaluator_instance, "payload", None)
         if not isinstance(payload, ray.ObjectRef):
             payload = ray.put(make_payload(job.splits, job.teacher.model))
-        model = copy.deepcopy(job.teacher.model)
-        settings = finetune_settings(cfg, s.sparsity_steps)
-        out = ray.get(
-            train_student_task.options(
-                num_cpus=cfg.ray.cpus_per_child, num_gpus=cfg.ray.gpus_per_child,
-                scheduling_strategy="DEFAULT",
-            ).remote(
-                payload, model, settings, None, max(1, int(cfg.ray.cpus_per_child)),
-                s.sparsity_l1, job.teacher.model if settings.augment != "none" else None,
-            )
-        )  # fmt: skip
-        model.load_state_dict(out["state_dict"])
+        model, out = sparsity_phase(
+            cfg, payload, job.teacher.model, s.sparsity_steps, s.sparsity_l1
+        )
         metrics = {"val_accuracy": out["val_accuracy"], "kd_steps": out["kd_steps"],
                    "sparsity_l1": s.sparsity_l1}  # fmt: skip
         save_checkpoint(folder, model, job.teacher.spec, metrics)
