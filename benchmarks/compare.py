@@ -10,6 +10,8 @@ on the same test split, at the same parameter budgets (teacher/10 and teacher/20
 - ``n2n-ppo-sparse``: ``n2n-ppo`` from Network Slimming's start: the search runs on the teacher
   after slimming's sparsity phase (``baseline.sparsity_steps`` and ``sparsity_l1``) and keeps
   channels by BatchNorm scale (not in the default set);
+- ``n2n-ppo-fit``: ``n2n-ppo`` with ``removal.fit_budget``: each removal child is shrunk
+  uniformly to the budget, so removal is scored at it (not in the default set);
 - ``slimming``, ``structured-l1``, ``kd-student``: both budgets in one run per seed;
 - ``slimming-eq``, ``structured-l1-eq``: the same, with the fine-tuning stretched so that the
   method trains as many KD steps in all as the search did (the equal-cost row);
@@ -52,7 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SEARCHES = ("n2n-ppo", "n2n-appo", "random", "n2n-ppo-sparse")
+SEARCHES = ("n2n-ppo", "n2n-appo", "random", "n2n-ppo-sparse", "n2n-ppo-fit")
 CLASSIC = ("slimming", "structured-l1", "kd-student", "l1-unstructured")
 EQUAL_COST = ("slimming-eq", "structured-l1-eq")
 METHODS = (*SEARCHES, *CLASSIC, *EQUAL_COST)
@@ -111,6 +113,8 @@ def cell_config(base: list[str], preset: str, method: str, seed: int, teacher: P
         slim = load_config(preset, base).baseline
         extra = [f"search.sparsity_steps={slim.sparsity_steps}",
                  f"search.sparsity_l1={slim.sparsity_l1}", "shrinkage.importance=bn", *extra]  # fmt: skip
+    if method.endswith("-fit"):
+        extra = ["removal.fit_budget=true", *extra]
     cfg = load_config(preset, [
         *base, f"teacher.checkpoint={teacher}", f"output.run_dir={folder}", f"seed={seed}",
         "data.split_seed=0", "tracking.enabled=false", f"search.algo={algo}",

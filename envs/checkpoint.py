@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from envs.builders import build_model
-from envs.spec import METRICS_FILE, SPEC_FILE, WEIGHTS_FILE, canonical
+from envs.spec import METRICS_FILE, SPEC_FILE, WEIGHTS_FILE, canonical, teacher_spec
 from envs.surgery import apply_spec
 
 
@@ -85,6 +85,23 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> Checkpo
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     model.eval()
     return Checkpoint(model=model, spec=canonical(spec), metrics=metrics)
+
+
+def load_network(source: Any, what: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
+    """A network and its student spec from a checkpoint folder, a student spec or an arch spec."""
+    if isinstance(source, str | Path):
+        ckpt = load_checkpoint(source)
+        return ckpt.model, ckpt.spec
+    if isinstance(source, dict) and "format" in source:
+        spec = canonical(source)
+        return build_from_spec(spec).eval(), spec
+    if isinstance(source, dict) and "arch" in source:
+        spec = teacher_spec(source)
+        return build_model(source).eval(), spec
+    raise ValueError(
+        f"{what} {source!r} must be a checkpoint folder, a student spec or an architecture "
+        "spec {'arch', 'kwargs', 'input_shape'}"
+    )
 
 
 def output_classes(model: nn.Module, spec: dict[str, Any]) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,3 +52,22 @@ def size_bytes(model: nn.Module) -> int:
 def model_costs(model: nn.Module, input_shape: Sequence[int]) -> Costs:
     """Parameters, FLOPs and size of ``model`` for inputs of ``input_shape`` (C, H, W)."""
     return Costs(count_params(model), count_flops(model, input_shape), size_bytes(model))
+
+
+def fits(model: nn.Module, input_shape: Sequence[int], limits: Mapping[str, int]) -> bool:
+    """Whether ``model`` is within ``limits`` (``{"params": N, "flops": F}``)."""
+    costs = model_costs(model, input_shape)
+    return all(getattr(costs, key) <= limit for key, limit in limits.items())
+
+
+def highest_level(fit: Callable[[int], bool], high: int) -> int:
+    """The highest level in ``[0, high]`` at which ``fit`` holds, by bisection (``fit`` is
+    monotone: what fits at a level fits at every lower one); 0 when none does."""
+    low = 0
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fit(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low

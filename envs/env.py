@@ -17,6 +17,11 @@ network to shrink: a checkpoint folder or student spec, default the teacher) and
 (``{"params": N, "flops": F}``: an action whose child would exceed them is capped until it
 fits; ``info["action"]`` is the action taken).
 
+Removal reads ``limits`` too (with ``ratios``, ``min_channels`` and ``importance``): a removal
+child over them is shrunk uniformly, every shrinkable unit to the highest keep-ratio in
+``ratios`` whose child fits (``info["ratios"]``), so that under a budget each removal is scored
+by what it leaves at the budget instead of only by how far over it the child is.
+
 An episode yields one child network. The observation is the parent's unit descriptors
 (``envs.graph.FEATURES``): a float32 Box ``[units, features]`` in [0, 1] whose
 ``removable`` / ``shrinkable`` columns mark the units the action addresses and, in
@@ -31,7 +36,6 @@ import functools
 import logging
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -39,14 +43,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from envs.builders import build_model
 from envs.channels import DEFAULT_RATIOS, IMPORTANCE, validate_ratio
-from envs.checkpoint import build_from_spec, load_checkpoint
-from envs.costs import model_costs
+from envs.checkpoint import load_network
+from envs.costs import fits, highest_level, model_costs
 from envs.evaluation import Child, ChildResult, load_evaluator
 from envs.graph import COL
 from envs.rewards import FAILED_REWARD, ChildScore, RewardFn, make_reward
-from envs.spec import arch_hash, canonical, teacher_spec
+from envs.spec import arch_hash
 from envs.surgery import analyze, make_child
 
 log = logging.getLogger(__name__)
@@ -55,23 +58,6 @@ _KNOWN_KEYS = {
     "teacher", "evaluator", "evaluator_config", "reward", "teacher_accuracy", "teacher_latency_s",
     "ratios", "min_channels", "importance", "sequential", "start", "stage", "limits",
 }  # fmt: skip
-
-
-def load_network(source: Any, what: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
-    """A network and its student spec from a checkpoint folder, a student spec or an arch spec."""
-    if isinstance(source, str | Path):
-        ckpt = load_checkpoint(source)
-        return ckpt.model, ckpt.spec
-    if isinstance(source, dict) and "format" in source:
-        spec = canonical(source)
-        return build_from_spec(spec).eval(), spec
-    if isinstance(source, dict) and "arch" in source:
-        spec = teacher_spec(source)
-        return build_model(source).eval(), spec
-    raise ValueError(
-        f"{what} {source!r} must be a checkpoint folder, a student spec or an architecture "
-        "spec {'arch', 'kwargs', 'input_shape'}"
-    )
 
 
 def reward_at(
@@ -130,6 +116,21 @@ class _ChildEnv(gym.Env):
         if not 0 < self.teacher_accuracy <= 1:
             raise ValueError(f"teacher accuracy {self.teacher_accuracy} must be in (0, 1]")
         self.teacher_latency_s = config.get("teacher_latency_s")
+        self.ratios = tuple(
+            validate_ratio(r, "ratio in 'ratios'") for r in config.get("ratios", DEFAULT_RATIOS)
+        )
+        if not self.ratios:
+            raise ValueError("'ratios' is empty: give keep-ratios such as [0.25, 0.5, 1.0]")
+        self.min_channels = int(config.get("min_channels", 4))
+        if self.min_channels < 1:
+            raise ValueError(f"min_channels {self.min_channels} must be >= 1")
+        self.importance = config.get("importance", "l1")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"importance {self.importance!r} is not one of {list(IMPORTANCE)}")
+        self.limits = {k: int(v) for k, v in (config.get("limits") or {}).items()}
+        unknown = set(self.limits) - {"params", "flops"}
+        if unknown:
+            raise ValueError(f"limits {sorted(unknown)} unknown: give 'params' and/or 'flops'")
 
     def _score(
         self, build: Any, action: list[int], extra: dict[str, Any]
@@ -251,16 +252,39 @@ class RemovalEnv(_ChildEnv):
     def step(self, action: Any):
         values = self._check_action(action, self.action_space.nvec, "one 0/1 per removable unit")
         requested = [u for u, v in zip(self.units, values, strict=True) if v == 1]
-        reward, info = self._score(
-            lambda: make_child(self.teacher, self.teacher_spec, remove=requested),
-            values,
-            {"removed": requested, "dropped": []},
-        )
+        extra: dict[str, Any] = {"removed": requested, "dropped": []}
+        reward, info = self._score(lambda: self._child(requested, extra), values, extra)
+        if "ratios" in extra:  # set while building, after _score copied ``extra``
+            info["ratios"] = extra["ratios"]
         if info.get("spec") is not None:
             made = set(info["spec"]["removed"])
             info["removed"] = [u for u in requested if u in made]
             info["dropped"] = [u for u in requested if u not in made]
         return self._obs.copy(), reward, True, False, info
+
+    def _child(self, requested: list[str], info: dict[str, Any]) -> tuple[nn.Module, dict]:
+        """The removal child; with ``limits``, shrunk uniformly to fit them when it does not
+        (the keep-ratio per unit goes to ``info["ratios"]``)."""
+        child, spec = make_child(self.teacher, self.teacher_spec, remove=requested)
+        if not self.limits or fits(child, self.input_shape, self.limits):
+            return child, spec
+        units = [u.name for u in analyze(child, self.input_shape).shrinkable]
+        built: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
+
+        def at(level: int) -> tuple[nn.Module, dict[str, Any]]:
+            if level not in built:
+                built[level] = make_child(
+                    child, spec, ratios=dict.fromkeys(units, self.ratios[level]),
+                    min_channels=self.min_channels, importance=self.importance,
+                )  # fmt: skip
+            return built[level]
+
+        # The lowest level when none fits: the child is then over budget and its reward says so.
+        low = highest_level(
+            lambda i: fits(at(i)[0], self.input_shape, self.limits), len(self.ratios) - 1
+        )
+        info["ratios"] = dict.fromkeys(units, self.ratios[low])
+        return at(low)
 
 
 class ShrinkageEnv(_ChildEnv):
@@ -271,22 +295,7 @@ class ShrinkageEnv(_ChildEnv):
     def __init__(self, env_config: dict[str, Any] | None = None) -> None:
         super().__init__(env_config)
         config = self.config
-        self.ratios = tuple(
-            validate_ratio(r, "ratio in 'ratios'") for r in config.get("ratios", DEFAULT_RATIOS)
-        )
-        if not self.ratios:
-            raise ValueError("'ratios' is empty: give keep-ratios such as [0.25, 0.5, 1.0]")
-        self.min_channels = int(config.get("min_channels", 4))
-        if self.min_channels < 1:
-            raise ValueError(f"min_channels {self.min_channels} must be >= 1")
-        self.importance = config.get("importance", "l1")
-        if self.importance not in IMPORTANCE:
-            raise ValueError(f"importance {self.importance!r} is not one of {list(IMPORTANCE)}")
         self.sequential = bool(config.get("sequential", False))
-        self.limits = {k: int(v) for k, v in (config.get("limits") or {}).items()}
-        unknown = set(self.limits) - {"params", "flops"}
-        if unknown:
-            raise ValueError(f"limits {sorted(unknown)} unknown: give 'params' and/or 'flops'")
         if config.get("start") is not None:
             self.parent, self.parent_spec = load_network(config["start"], "start")
         else:
@@ -359,8 +368,7 @@ class ShrinkageEnv(_ChildEnv):
     def _fits(self, values: list[int]) -> bool:
         built = self._child(values)
         self._checked = (tuple(values), built)
-        costs = model_costs(built[0], self.input_shape)
-        return all(getattr(costs, key) <= limit for key, limit in self.limits.items())
+        return fits(built[0], self.input_shape, self.limits)
 
     def _within_limits(self, values: list[int]) -> list[int]:
         """The action capped so that its child fits ``limits`` (AMC's constrained action
@@ -374,13 +382,10 @@ class ShrinkageEnv(_ChildEnv):
                 return values
         except Exception:  # noqa: BLE001 (a surgery error: scored as the failed child it is)
             return values
-        low, high = 0, max(values) - 1  # the level max(values) does not fit
-        while low < high:
-            mid = (low + high + 1) // 2
-            if self._fits([min(v, mid) for v in values]):
-                low = mid
-            else:
-                high = mid - 1
+        # The level max(values) does not fit.
+        low = highest_level(
+            lambda level: self._fits([min(v, level) for v in values]), max(values) - 1
+        )
         return [min(v, low) for v in values]
 
 

@@ -158,6 +158,31 @@ def test_a_budget_run_on_digits_gives_a_student_within_it_from_a_sparse_teacher(
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_removal_fitted_to_the_budget_scores_every_mask_at_it_and_hands_on_its_removals(
+    ray_cluster, tmp_path: Path
+):
+    run_dir = tmp_path / "run"
+    address = ray_cluster.get_runtime_context().gcs_address
+    code = main(_flags(run_dir, "--params", "20000", "--address", address,
+                       "--set", "removal.fit_budget=true"))  # fmt: skip
+    assert code == 0
+    out = RunDir(run_dir)
+    removal = [r for r in out.children("removal") if not r["error"]]
+    assert removal and all(r["params"] <= 20000 for r in removal)  # no removal child over it
+    shrunk = [r for r in removal if r["ratios"]]  # the others fit with their removals alone
+    assert shrunk and all(len(set(r["ratios"].values())) == 1 for r in shrunk)
+    assert all(r["reward"] > 0 for r in removal)  # within budget: accuracy alone, never negative
+    # Stage 2 starts from the best removal with its removals alone; it chooses the widths.
+    best = max(removal, key=lambda r: r["reward"])
+    start = load_checkpoint(run_dir / "removal_best")
+    assert start.spec["removed"] == sorted(best["removed"]) and start.spec["channels"] == {}
+    assert count_params(start.model) > 20000
+    summary = out.summary()
+    assert summary["budget"]["met"] and summary["student"]["params"] <= 20000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_budget_no_child_can_meet_exits_5_and_keeps_the_run(ray_cluster, tmp_path: Path, capsys):
     run_dir = tmp_path / "run"
     address = ray_cluster.get_runtime_context().gcs_address

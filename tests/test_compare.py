@@ -142,7 +142,7 @@ def test_margins_weigh_each_search_against_each_rival_in_standard_errors_of_the_
     assert "kd-student +3.00 points (one seed)" in text
 
 
-def test_the_sparse_variant_starts_the_search_where_slimming_starts(tmp_path) -> None:
+def test_the_variants_change_the_search_in_their_one_way(tmp_path) -> None:
     compare = _compare()
     cfg = compare.cell_config([], "demo", "n2n-ppo-sparse", 1, tmp_path / "t", tmp_path / "r", [])
     plain = compare.cell_config([], "demo", "n2n-ppo", 1, tmp_path / "t", tmp_path / "r", [])
@@ -151,3 +151,6 @@ def test_the_sparse_variant_starts_the_search_where_slimming_starts(tmp_path) ->
     assert cfg.search.sparsity_l1 == cfg.baseline.sparsity_l1
     assert (cfg.shrinkage.importance, plain.shrinkage.importance) == ("bn", "l1")
     assert plain.search.sparsity_steps == 0
+    fit = compare.cell_config([], "demo", "n2n-ppo-fit", 1, tmp_path / "t", tmp_path / "r", [])
+    assert fit.removal.fit_budget and not plain.removal.fit_budget
+    assert fit.search.algo == "ppo" and fit.search.sparsity_steps == 0

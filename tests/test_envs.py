@@ -98,6 +98,31 @@ def test_a_budget_caps_each_shrinkage_action_at_the_highest_level_that_fits():
     assert floor["action"] == [0] * 6 and floor["params"] > 10
 
 
+def test_a_budget_shrinks_each_removal_child_uniformly_to_the_highest_ratio_that_fits():
+    ratios = [0.25, 0.5, 0.75, 1.0]
+    free = RemovalEnv(_config())
+    mask = [0, 1, 0, 0, 1]  # features.6 and hidden removed
+    *_, unshrunk = free.step(mask)
+    limit = unshrunk["params"] // 3
+    env = RemovalEnv(_config(ratios=ratios, limits={"params": limit}))
+    *_, info = env.step(mask)
+    assert info["removed"] == unshrunk["removed"] and info["error"] is None
+    assert info["params"] <= limit
+    # One keep-ratio for every shrinkable unit of the removal child, the highest that fits.
+    (level,) = set(info["ratios"].values())
+    assert level < 1.0
+    shrink = ShrinkageEnv(_config(ratios=ratios, start=info["spec"] | {"channels": {}}))
+    assert set(info["ratios"]) == set(shrink.units)
+    above = ratios[ratios.index(level) + 1]
+    *_, wider = shrink.step([ratios.index(above)] * len(shrink.units))
+    assert wider["params"] > limit
+    *_, same = shrink.step([ratios.index(level)] * len(shrink.units))
+    assert same["arch_hash"] == info["arch_hash"]  # rebuilt in two steps, the same child
+    # A removal child that fits already is left as it is.
+    *_, loose = RemovalEnv(_config(ratios=ratios, limits={"params": 10**9})).step(mask)
+    assert "ratios" not in loose and loose["arch_hash"] == unshrunk["arch_hash"]
+
+
 def test_a_budget_check_builds_a_fitting_child_once(monkeypatch):
     from envs import env as env_module
 

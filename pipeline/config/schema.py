@@ -328,6 +328,19 @@ class StageConfig(_Section):
         return self.iterations * self.episodes_per_iteration
 
 
+class RemovalConfig(StageConfig):
+    """Stage 1: layer and block removal."""
+
+    fit_budget: bool = Field(
+        False,
+        description="With a budget (budget.*), shrink each removal child that exceeds it "
+        "uniformly (every shrinkable unit to the highest of shrinkage.ratios that fits, with "
+        "shrinkage.importance), so removal is scored by the accuracy it leaves at the budget; "
+        "stage 2 then starts from the best removal unshrunk. Off, a removal child is scored as "
+        "it is (under a tight budget every reward is negative and stage 2 starts from the teacher).",
+    )
+
+
 class ShrinkageConfig(StageConfig):
     """Stage 2: channel shrinkage, with its action set."""
 
@@ -535,7 +548,7 @@ class RunConfig(_Section):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
-    removal: StageConfig = Field(default_factory=StageConfig)
+    removal: RemovalConfig = Field(default_factory=RemovalConfig)
     shrinkage: ShrinkageConfig = Field(default_factory=ShrinkageConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

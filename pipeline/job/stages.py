@@ -10,8 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from envs.checkpoint import save_checkpoint
-from envs.env import load_network
+from envs.checkpoint import load_network, save_checkpoint
 from envs.evaluation import load_evaluator
 from envs.spec import arch_hash
 from envs.surgery import make_child
@@ -75,14 +74,14 @@ def env_config(
         "evaluator_config": job.evaluator[1],
         "reward": job.reward(cfg),
     }
+    s = cfg.shrinkage
+    cut = {"ratios": list(s.ratios), "min_channels": s.min_channels, "importance": s.importance}
     if stage == "shrinkage":
-        s = cfg.shrinkage
-        config.update(
-            ratios=list(s.ratios), min_channels=s.min_channels, importance=s.importance,
-            sequential=s.sequential, start=start,
-        )  # fmt: skip
+        config.update(cut, sequential=s.sequential, start=start)
         if s.fit_budget and job.limits:
             config["limits"] = dict(job.limits)
+    elif cfg.removal.fit_budget and job.limits:
+        config.update(cut, limits=dict(job.limits))
     return config
 
 
@@ -118,11 +117,15 @@ def rebuild_child(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The child of a record, rebuilt by surgery with the weights it was cut from (the
     teacher's, or stage 1's best child's for a stage 2 child)."""
-    if row["stage"] == "removal":
-        model, spec = make_child(job.parent.model, job.parent.spec, remove=row.get("removed") or [])
+    s = job.cfg.shrinkage
+    if row["stage"] == "removal":  # shrunk uniformly to the budget when ``ratios`` say so
+        model, spec = make_child(
+            job.parent.model, job.parent.spec, remove=row.get("removed") or [],
+            ratios=row.get("ratios") or None, min_channels=s.min_channels,
+            importance=s.importance,
+        )  # fmt: skip
     else:
         base_model, base_spec = parent or (job.parent.model, job.parent.spec)
-        s = job.cfg.shrinkage
         model, spec = make_child(
             base_model, base_spec, ratios=row.get("ratios") or {}, min_channels=s.min_channels,
             importance=s.importance,
@@ -138,12 +141,15 @@ def rebuild_child(
 def stage_start(
     job: Job, rows: list[dict[str, Any]]
 ) -> tuple[str | None, tuple[nn.Module, dict[str, Any]] | None]:
-    """Where stage 2 starts: stage 1's best child (saved with the teacher's weights), or the teacher."""
+    """Where stage 2 starts: stage 1's best child (saved with the teacher's weights), or the
+    teacher. A removal child shrunk to the budget (``removal.fit_budget``) passes on its
+    removals only: stage 2 chooses the widths."""
     best = best_row(rows)
     if best is None or best["reward"] <= 0:
         return None, None
     folder = job.run_dir.file("removal_best")
-    model, spec = rebuild_child(job, best, None)
+    unshrunk = {**best, "ratios": None, "arch_hash": None} if best.get("ratios") else best
+    model, spec = rebuild_child(job, unshrunk, None)
     save_checkpoint(
         folder,
         model,
