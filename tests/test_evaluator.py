@@ -175,17 +175,23 @@ class EnvRunnerLike:
         result = self.evaluator.evaluate(child)
         return result, self.evaluator.tasks_submitted
 
+    def ready(self) -> bool:
+        return True
+
 
 def test_a_second_runner_waits_for_a_training_in_flight(ray_cluster, teacher_dir, teacher):
     import time
 
     # long enough (a few seconds) that the second runner asks while the first one trains
     shared = KDEvaluator(
-        teacher=teacher_dir, distill={"steps": 200}, cache_name=f"test-{uuid.uuid4().hex}"
+        teacher=teacher_dir, distill={"steps": 400}, cache_name=f"test-{uuid.uuid4().hex}"
     )
     runner = ray_cluster.remote(num_cpus=0)(EnvRunnerLike)
     try:
         first, second = runner.remote(shared.config()), runner.remote(shared.config())
+        # Both runners built first: a slow start of the second (loading its evaluator) once let
+        # the first training finish before it asked, a plain cache hit instead of a join.
+        ray_cluster.get([first.ready.remote(), second.ready.remote()])
         a = first.evaluate.remote(surgery(teacher, **REDUCED))
         deadline = time.monotonic() + 60
         while shared.cache_stats()["pending"] == 0 and time.monotonic() < deadline:
