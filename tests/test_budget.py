@@ -158,6 +158,22 @@ def test_a_budget_run_on_digits_gives_a_student_within_it_from_a_sparse_teacher(
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_compression_and_flops_flags_give_a_student_within_both(ray_cluster, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    address = ray_cluster.get_runtime_context().gcs_address
+    code = main(_flags(run_dir, "--compression", "8", "--flops", "0.5", "--skip-removal",
+                       "--address", address))  # fmt: skip
+    assert code == 0
+    summary = RunDir(run_dir).summary()
+    teacher, student, budget = summary["teacher"], summary["student"], summary["budget"]
+    assert budget["limits"] == {"params": int(teacher["params"] / 8),
+                                "flops": int(teacher["flops"] * 0.5)}  # fmt: skip
+    assert budget["met"] is True
+    assert student["params"] <= teacher["params"] / 8 and student["flops"] <= teacher["flops"] / 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_removal_fitted_to_the_budget_scores_every_mask_at_it_and_hands_on_its_removals(
     ray_cluster, tmp_path: Path
 ):
