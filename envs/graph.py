@@ -212,8 +212,8 @@ class _Tracer(fx.Tracer):
 
 
 # torch.fx patches functions through one process-wide patcher (``CURRENT_PATCHER``) and
-# tracing writes to the traced module, so two traces at once corrupt each other; random search
-# steps its envs in threads. One trace at a time in a process.
+# tracing writes to the traced module, so two traces at once in one process corrupt each other
+# (random search once played its envs in threads; a user's code may too). One at a time.
 _TRACE_LOCK = threading.Lock()
 
 

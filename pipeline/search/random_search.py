@@ -60,13 +60,11 @@ def random_search(settings: dict[str, Any], env_config: dict[str, Any]) -> None:
     try:
         for iteration in range(start + 1, settings["iterations"] + 1):
             seeds = np.random.SeedSequence([settings["seed"], iteration]).spawn(per_iteration)
-            # Worker w plays seeds w, w + n, ...; the returns come back in the seeds' order.
+            # Worker w plays seeds w, w + n, ...; only the returns' mean, max and min are used.
             chunks = ray.get(
                 [w.play.remote(seeds[i :: len(workers)]) for i, w in enumerate(workers)]
             )
-            returns = [0.0] * per_iteration
-            for i, chunk in enumerate(chunks):
-                returns[i :: len(workers)] = chunk
+            returns = [r for chunk in chunks for r in chunk]
             best = max(best, max(returns))
             metrics = {
                 "iteration": iteration,
