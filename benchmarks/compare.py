@@ -60,6 +60,10 @@ EQUAL_COST = ("slimming-eq", "structured-l1-eq")
 METHODS = (*SEARCHES, *CLASSIC, *EQUAL_COST)
 # What the search must beat at each budget (the issue's list): the margins name these.
 RIVALS = ("random", "slimming", "structured-l1", "kd-student", "slimming-eq", "structured-l1-eq")
+# The issue's targets: points below the teacher a search's mean may lose at teacher/X, and the
+# minutes one search (both stages and fine-tuning) may take.
+WITHIN_POINTS = {10.0: 0.5, 20.0: 1.0}
+SEARCH_MINUTES = 30
 DEFAULT_METHODS = ("n2n-ppo", "random", "slimming", "structured-l1", "kd-student",
                    "l1-unstructured", "slimming-eq", "structured-l1-eq")  # fmt: skip
 FULL_PRESET, QUICK_PRESET = "fashion-mnist-resnet18", "demo"
@@ -249,6 +253,61 @@ def margin_lines(rows: list[dict[str, Any]]) -> str:
         )
     return "".join(f"\n{method} at <= {budget:,} against {'; '.join(parts)}.\n"
                    for (method, budget), parts in groups.items())  # fmt: skip
+
+
+def targets(
+    rows: list[dict[str, Any]], summary: list[dict[str, Any]], factors: dict[int, float]
+) -> list[dict[str, Any]]:
+    """Each N2N search against the targets at each budget (``factors`` maps a budget to its
+    teacher/X): its mean within ``WITHIN_POINTS`` of the teacher, its mean above every
+    rival's mean that ran (with the closest margin), and its slowest seed within
+    ``SEARCH_MINUTES``."""
+    by_margin: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for m in margins(summary):
+        by_margin.setdefault((m["method"], m["budget"]), []).append(m)
+    out = []
+    for s in summary:
+        method, budget = s["method"], s["budget"]
+        if not method.startswith("n2n-"):
+            continue
+        limit = WITHIN_POINTS.get(factors.get(budget, 0.0))
+        closest = min(by_margin.get((method, budget), []), key=lambda m: m["points"], default=None)
+        slowest = max(r["wall_time_s"] for r in rows if not r.get("error")
+                      and (r["method"], r["budget"]) == (method, budget)) / 60  # fmt: skip
+        out.append({
+            "method": method, "budget": budget, "factor": factors.get(budget),
+            "seeds": s["seeds"], "delta": s["delta_mean"], "within_points": limit,
+            "within_met": None if limit is None else s["delta_mean"] >= -limit,
+            "closest_rival": closest,
+            "ahead_met": None if closest is None else closest["points"] > 0,
+            "slowest_min": slowest, "time_met": slowest <= SEARCH_MINUTES,
+        })  # fmt: skip
+    return out
+
+
+def target_lines(rows: list[dict[str, Any]]) -> str:
+    """The targets as one sentence per search and budget, each beside its measurement."""
+
+    def verdict(met: bool | None) -> str:
+        return "not measured" if met is None else "met" if met else "missed"
+
+    lines = []
+    for t in rows:
+        parts = []
+        if t["within_points"] is not None:
+            parts.append(f"mean within {t['within_points']:.1f} points of the teacher: "
+                         f"{t['delta']:+.2f}, {verdict(t['within_met'])}")  # fmt: skip
+        c = t["closest_rival"]
+        if c is not None:
+            ses = "one seed" if c["se"] is None else f"{c['standard_errors']:+.1f} SE"
+            parts.append(f"mean above every rival's: closest {c['rival']} {c['points']:+.2f} "
+                         f"points ({ses}), {verdict(t['ahead_met'])}")  # fmt: skip
+        parts.append(f"each search <= {SEARCH_MINUTES} min: slowest {t['slowest_min']:.1f} "
+                     f"min, {verdict(t['time_met'])}")  # fmt: skip
+        where = f"teacher/{t['factor']:g}" if t["factor"] else f"<= {t['budget']:,}"
+        lines.append(f"\nTargets, {t['method']} at {where} ({t['seeds']} seeds): "
+                     + "; ".join(parts) + ".\n")  # fmt: skip
+    return "".join(lines)
 
 
 def markdown(summary: list[dict[str, Any]], teacher: dict[str, Any]) -> str:
@@ -495,13 +554,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows, n_test)
     partial = (f"\nPartial: {len(missing)} of {len(missing) + len(results)} cells not run "
                f"yet ({', '.join(missing)}).\n" if missing else "")  # fmt: skip
-    (out / "table.md").write_text(markdown(summary, teacher) + partial)
+    goals = targets(rows, summary, dict(zip(budgets, factors, strict=True)))
+    (out / "table.md").write_text(markdown(summary, teacher) + target_lines(goals) + partial)
     pareto_figure(summary, teacher).savefig(out / "pareto.png")
     if curves:
         curves_figure(curves).savefig(out / "curves.png")
     doc = {"preset": preset, "overrides": base, "budgets": budgets, "seeds": args.seeds,
            "machine": machine(), "teacher": teacher, "rows": rows, "summary": summary,
-           "margins": margins(summary), "curves": curves, "missing": missing,
+           "margins": margins(summary), "targets": goals, "curves": curves, "missing": missing,
            "wall_time_s": round(time.monotonic() - started, 1)}  # fmt: skip
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     console.print((out / "table.md").read_text())

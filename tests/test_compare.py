@@ -142,6 +142,34 @@ def test_margins_weigh_each_search_against_each_rival_in_standard_errors_of_the_
     assert "kd-student +3.00 points (one seed)" in text
 
 
+def test_targets_state_each_goal_beside_its_measurement() -> None:
+    compare = _compare()
+    rows = [*_rows("n2n-ppo", 100, [0.93, 0.92, 0.94]), *_rows("slimming", 100, [0.92] * 3),
+            *_rows("random", 100, [0.95, 0.93, 0.94]), *_rows("n2n-ppo", 50, [0.9] * 3),
+            *_rows("kd-student", 50, [0.8])]  # fmt: skip
+    for r, delta, minutes in zip(rows[:3], (-0.4, -0.7, -0.5), (20, 31, 25), strict=True):
+        r["delta_points"], r["wall_time_s"] = delta, 60 * minutes
+    summary = compare.summarise(rows, 10000)
+    goals = {
+        (t["budget"], t["method"]): t for t in compare.targets(rows, summary, {100: 10.0, 50: 20.0})
+    }
+    assert set(goals) == {(100, "n2n-ppo"), (50, "n2n-ppo")}  # only searches have targets
+    ten = goals[(100, "n2n-ppo")]
+    # Mean delta -0.53 misses "within 0.5"; random (0.94 mean) is the closest rival, 1 point
+    # ahead, so "ahead of every rival" is missed; one seed took 31 minutes, over 30.
+    assert ten["delta"] == pytest.approx(-1.6 / 3)
+    assert (ten["within_met"], ten["ahead_met"], ten["time_met"]) == (False, False, False)
+    assert ten["closest_rival"]["rival"] == "random"
+    assert ten["slowest_min"] == pytest.approx(31)
+    twenty = goals[(50, "n2n-ppo")]
+    assert (twenty["within_met"], twenty["ahead_met"], twenty["time_met"]) == (True, True, True)
+    text = compare.target_lines(list(goals.values()))
+    assert ("Targets, n2n-ppo at teacher/10 (3 seeds): mean within 0.5 points of the teacher: "
+            "-0.53, missed; mean above every rival's: closest random -1.00 points") in text  # fmt: skip
+    assert "each search <= 30 min: slowest 31.0 min, missed." in text
+    assert "closest kd-student +10.00 points (one seed), met" in text
+
+
 def test_the_variants_change_the_search_in_their_one_way(tmp_path) -> None:
     compare = _compare()
     cfg = compare.cell_config([], "demo", "n2n-ppo-sparse", 1, tmp_path / "t", tmp_path / "r", [])
