@@ -393,17 +393,23 @@ def curves_figure(curves: dict[str, list[dict[str, Any]]]) -> Any:
 
     fig = Figure(figsize=(11, 8), dpi=120)
     axes = fig.subplots(len(STAGES), 2, squeeze=False)
-    colors = ("C0", "C1", "C2", "C3", "C4", "C5")
-    for (label, runs), color in zip(sorted(curves.items()), colors, strict=False):
+    # One colour per method, one line style per budget: PPO and random at a budget sit side
+    # by side in the same style.
+    methods = sorted({label.split(" (")[0] for label in curves})
+    budgets = sorted({label.split(" (")[1] for label in curves}, reverse=True)
+    for label, runs in sorted(curves.items()):
+        method, budget = label.split(" (")
+        color, style = f"C{methods.index(method)}", ("-", "--", ":")[budgets.index(budget) % 3]
         for i, run in enumerate(runs):
             for (best_ax, mean_ax), stage in zip(axes, STAGES, strict=True):
                 if stage not in run.get("stages", {}):
                     continue
                 curve, name = run["stages"][stage], label if i == 0 else None
                 best_ax.plot(range(1, len(curve["best"]) + 1), curve["best"], color=color,
-                             alpha=0.8, label=name)  # fmt: skip
+                             linestyle=style, alpha=0.8, label=name)  # fmt: skip
                 xs, ys = zip(*curve["iteration_means"], strict=True)
-                mean_ax.plot(xs, ys, color=color, alpha=0.8, marker=".", label=name)
+                mean_ax.plot(xs, ys, color=color, linestyle=style, alpha=0.8, marker=".",
+                             label=name)  # fmt: skip
     for (best_ax, mean_ax), stage in zip(axes, STAGES, strict=True):
         best_ax.set_ylabel(f"{stage}: best reward so far")
         mean_ax.set_ylabel(f"{stage}: mean reward per iteration")
