@@ -260,7 +260,7 @@ def targets(
 ) -> list[dict[str, Any]]:
     """Each N2N search against the targets at each budget (``factors`` maps a budget to its
     teacher/X): its mean within ``WITHIN_POINTS`` of the teacher, its mean above every
-    rival's mean that ran (with the closest margin), and its slowest seed within
+    rival's mean that ran (with the smallest margin, the hardest rival), and its slowest seed within
     ``SEARCH_MINUTES``."""
     by_margin: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for m in margins(summary):
@@ -271,15 +271,15 @@ def targets(
         if not method.startswith("n2n-"):
             continue
         limit = WITHIN_POINTS.get(factors.get(budget, 0.0))
-        closest = min(by_margin.get((method, budget), []), key=lambda m: m["points"], default=None)
+        hardest = min(by_margin.get((method, budget), []), key=lambda m: m["points"], default=None)
         slowest = max(r["wall_time_s"] for r in rows if not r.get("error")
                       and (r["method"], r["budget"]) == (method, budget)) / 60  # fmt: skip
         out.append({
             "method": method, "budget": budget, "factor": factors.get(budget),
             "seeds": s["seeds"], "delta": s["delta_mean"], "within_points": limit,
             "within_met": None if limit is None else s["delta_mean"] >= -limit,
-            "closest_rival": closest,
-            "ahead_met": None if closest is None else closest["points"] > 0,
+            "hardest_rival": hardest,
+            "ahead_met": None if hardest is None else hardest["points"] > 0,
             "slowest_min": slowest, "time_met": slowest <= SEARCH_MINUTES,
         })  # fmt: skip
     return out
@@ -297,10 +297,10 @@ def target_lines(rows: list[dict[str, Any]]) -> str:
         if t["within_points"] is not None:
             parts.append(f"mean within {t['within_points']:.1f} points of the teacher: "
                          f"{t['delta']:+.2f}, {verdict(t['within_met'])}")  # fmt: skip
-        c = t["closest_rival"]
+        c = t["hardest_rival"]
         if c is not None:
             ses = "one seed" if c["se"] is None else f"{c['standard_errors']:+.1f} SE"
-            parts.append(f"mean above every rival's: closest {c['rival']} {c['points']:+.2f} "
+            parts.append(f"mean above every rival's: hardest {c['rival']} {c['points']:+.2f} "
                          f"points ({ses}), {verdict(t['ahead_met'])}")  # fmt: skip
         parts.append(f"each search <= {SEARCH_MINUTES} min: slowest {t['slowest_min']:.1f} "
                      f"min, {verdict(t['time_met'])}")  # fmt: skip

@@ -155,19 +155,19 @@ def test_targets_state_each_goal_beside_its_measurement() -> None:
     }
     assert set(goals) == {(100, "n2n-ppo"), (50, "n2n-ppo")}  # only searches have targets
     ten = goals[(100, "n2n-ppo")]
-    # Mean delta -0.53 misses "within 0.5"; random (0.94 mean) is the closest rival, 1 point
+    # Mean delta -0.53 misses "within 0.5"; random (0.94 mean) is the hardest rival, 1 point
     # ahead, so "ahead of every rival" is missed; one seed took 31 minutes, over 30.
     assert ten["delta"] == pytest.approx(-1.6 / 3)
     assert (ten["within_met"], ten["ahead_met"], ten["time_met"]) == (False, False, False)
-    assert ten["closest_rival"]["rival"] == "random"
+    assert ten["hardest_rival"]["rival"] == "random"
     assert ten["slowest_min"] == pytest.approx(31)
     twenty = goals[(50, "n2n-ppo")]
     assert (twenty["within_met"], twenty["ahead_met"], twenty["time_met"]) == (True, True, True)
     text = compare.target_lines(list(goals.values()))
     assert ("Targets, n2n-ppo at teacher/10 (3 seeds): mean within 0.5 points of the teacher: "
-            "-0.53, missed; mean above every rival's: closest random -1.00 points") in text  # fmt: skip
+            "-0.53, missed; mean above every rival's: hardest random -1.00 points") in text  # fmt: skip
     assert "each search <= 30 min: slowest 31.0 min, missed." in text
-    assert "closest kd-student +10.00 points (one seed), met" in text
+    assert "hardest kd-student +10.00 points (one seed), met" in text
 
 
 def test_the_variants_change_the_search_in_their_one_way(tmp_path) -> None:
