@@ -242,14 +242,19 @@ def margins(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def standard_errors(margin: dict[str, Any]) -> str:
+    """A margin in standard errors of the difference, or why it has none."""
+    if margin["se"] is None:
+        return "one seed"
+    return f"{margin['standard_errors']:+.1f} SE" if margin["se"] > 0 else "no spread"
+
+
 def margin_lines(rows: list[dict[str, Any]]) -> str:
     """The margins as one sentence per search and budget."""
     groups: dict[tuple[str, int], list[str]] = {}
     for m in rows:
-        ses = ("one seed" if m["se"] is None
-               else f"{m['standard_errors']:+.1f} SE" if m["se"] > 0 else "no spread")  # fmt: skip
         groups.setdefault((m["method"], m["budget"]), []).append(
-            f"{m['rival']} {m['points']:+.2f} points ({ses})"
+            f"{m['rival']} {m['points']:+.2f} points ({standard_errors(m)})"
         )
     return "".join(f"\n{method} at <= {budget:,} against {'; '.join(parts)}.\n"
                    for (method, budget), parts in groups.items())  # fmt: skip
@@ -260,8 +265,8 @@ def targets(
 ) -> list[dict[str, Any]]:
     """Each N2N search against the targets at each budget (``factors`` maps a budget to its
     teacher/X): its mean within ``WITHIN_POINTS`` of the teacher, its mean above every
-    rival's mean that ran (with the smallest margin, the hardest rival), and its slowest seed within
-    ``SEARCH_MINUTES``."""
+    rival's mean that ran (the hardest rival: the smallest margin), and its slowest seed
+    within ``SEARCH_MINUTES``."""
     by_margin: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for m in margins(summary):
         by_margin.setdefault((m["method"], m["budget"]), []).append(m)
@@ -299,9 +304,8 @@ def target_lines(rows: list[dict[str, Any]]) -> str:
                          f"{t['delta']:+.2f}, {verdict(t['within_met'])}")  # fmt: skip
         c = t["hardest_rival"]
         if c is not None:
-            ses = "one seed" if c["se"] is None else f"{c['standard_errors']:+.1f} SE"
             parts.append(f"mean above every rival's: hardest {c['rival']} {c['points']:+.2f} "
-                         f"points ({ses}), {verdict(t['ahead_met'])}")  # fmt: skip
+                         f"points ({standard_errors(c)}), {verdict(t['ahead_met'])}")  # fmt: skip
         parts.append(f"each search <= {SEARCH_MINUTES} min: slowest {t['slowest_min']:.1f} "
                      f"min, {verdict(t['time_met'])}")  # fmt: skip
         where = f"teacher/{t['factor']:g}" if t["factor"] else f"<= {t['budget']:,}"
@@ -396,7 +400,8 @@ def curves_figure(curves: dict[str, list[dict[str, Any]]]) -> Any:
     # One colour per method, one line style per budget: PPO and random at a budget sit side
     # by side in the same style.
     methods = sorted({label.split(" (")[0] for label in curves})
-    budgets = sorted({label.split(" (")[1] for label in curves}, reverse=True)
+    budgets = sorted({label.split(" (")[1] for label in curves},
+                     key=lambda b: -int("".join(filter(str.isdigit, b))))  # fmt: skip
     for label, runs in sorted(curves.items()):
         method, budget = label.split(" (")
         color, style = f"C{methods.index(method)}", ("-", "--", ":")[budgets.index(budget) % 3]

@@ -168,6 +168,10 @@ def test_targets_state_each_goal_beside_its_measurement() -> None:
             "-0.53, missed; mean above every rival's: hardest random -1.00 points") in text  # fmt: skip
     assert "each search <= 30 min: slowest 31.0 min, missed." in text
     assert "hardest kd-student +10.00 points (one seed), met" in text
+    # Seeds that agree on both sides leave no spread to weigh the margin by: said, not a crash.
+    flat = [*_rows("n2n-ppo", 50, [0.9] * 3), *_rows("slimming", 50, [0.85] * 3)]
+    text = compare.target_lines(compare.targets(flat, compare.summarise(flat, 10000), {50: 20.0}))
+    assert "hardest slimming +5.00 points (no spread), met" in text
 
 
 def test_the_variants_change_the_search_in_their_one_way(tmp_path) -> None:
