@@ -11,8 +11,13 @@ expected, so nothing is dropped silently. Every child is recorded
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -142,6 +147,41 @@ def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
     return trial_resources(config["settings"])
 
 
+class _Interrupted:
+    def __init__(self) -> None:
+        self.received = False
+
+    def __bool__(self) -> bool:
+        return self.received
+
+
+@contextlib.contextmanager
+def _tune_signal_handlers() -> Iterator[_Interrupted]:
+    """Puts back the SIGINT and SIGUSR1 handlers that ``Tuner.fit`` replaces and leaves behind.
+
+    Tune installs its own handler for the run and restores the previous one only when a
+    signal arrives. Left installed, it would swallow the next Ctrl+C (or the SIGTERM that
+    ``n2n run`` forwards to it) after the search, during fine-tuning, setting an event no one
+    reads. Its handler having put the previous one back means a signal came during the run.
+    """
+    interrupted = _Interrupted()
+    watched = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    before = {sig: signal.getsignal(sig) for sig in watched}
+    tune_installs = threading.current_thread() is threading.main_thread() and not int(
+        os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")
+    )
+    try:
+        yield interrupted
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            interrupted.received = (
+                tune_installs and signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+            )
+            for sig, handler in before.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+
 def run_stage(
     name: str,
     variants: list[dict[str, Any]],
@@ -193,11 +233,13 @@ def run_stage(
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
-    results = tuner.fit()
+    with _tune_signal_handlers() as interrupted:
+        results = tuner.fit()
     # Tune catches SIGINT, saves the experiment and returns normally, marking the stopped
-    # trials TERMINATED in memory only: the saved state tells an interruption apart.
+    # trials TERMINATED in memory only: its handler having fired, or the saved state, tells
+    # an interruption apart.
     saved = tune.ExperimentAnalysis(path).trials
-    if any(trial.status not in ("TERMINATED", "ERROR") for trial in saved):
+    if interrupted or any(trial.status not in ("TERMINATED", "ERROR") for trial in saved):
         raise KeyboardInterrupt(f"{name} search interrupted; its Tune state is saved in {path}")
     if results.errors:
         err = results.errors[0]
