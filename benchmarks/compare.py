@@ -22,6 +22,8 @@ Each (method, seed[, budget]) cell keeps its ``result.json`` and is not run agai
 reruns), so an interrupted benchmark continues where it stopped. For the Fashion-MNIST preset
 the teacher and every cell's ``result.json`` are kept in git (see ``.gitignore``): the full
 comparison takes longer than one working session, and it continues in the next.
+``--methods`` and ``--seeds`` choose the cells that run; the table always covers every
+finished cell in ``--out``, so one more method run beside a finished comparison joins it.
 
 Usage::
 
@@ -80,7 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="digits and tiny budgets (minutes)")
     p.add_argument("--preset", help=f"preset to compare on (default {FULL_PRESET})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated subset")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated subset to run (the table shows every finished cell)",
+    )
     p.add_argument("--seeds", type=int, default=1, help="seeds per method (0, 1, ...)")
     p.add_argument("--single-seed", default="l1-unstructured,slimming-eq,structured-l1-eq",
                    help="methods run at seed 0 only (marked so in the table)")  # fmt: skip
@@ -515,21 +521,27 @@ def main(argv: list[str] | None = None) -> int:
     factors = [float(f) for f in args.budgets.split(",")]
     budgets = [int(teacher_params / f) for f in factors]
     single = set(args.single_seed.split(","))
-    methods = [m for m in METHODS if m in args.methods.split(",")]
+    chosen = set(args.methods.split(","))
 
+    # --methods and --seeds choose what runs; the table covers every finished cell in --out,
+    # so running one more method beside a finished comparison adds its rows to the table.
     results: list[dict[str, Any]] = []
     missing: list[str] = []
     curves: dict[str, list[dict[str, Any]]] = {}
-    for method in methods:
-        for seed in range(1 if method in single else args.seeds):
+    for method in METHODS:
+        selected = method in chosen
+        seeds = range(1 if method in single else args.seeds) if selected else finished(out, method)
+        for seed in seeds:
             cells = ([(f"{method}/x{f:g}/s{seed}", [f"budget.compression={f}"], b)
                       for f, b in zip(factors, budgets, strict=True)]
                      if method in SEARCHES else [(f"{method}/s{seed}", [], None)])  # fmt: skip
             for name, extra, budget in cells:
                 folder = out / name
                 result_file = folder / "result.json"
-                if result_file.is_file() and not args.fresh:
+                if result_file.is_file() and not (args.fresh and selected):
                     result = json.loads(result_file.read_text())
+                elif not selected:
+                    continue
                 elif args.report:
                     missing.append(name)
                     continue
@@ -582,6 +594,12 @@ def main(argv: list[str] | None = None) -> int:
     run_id = log_mlflow(args, out, doc)
     console.print(f"results in {out}; MLflow parent run {run_id}")
     return 0
+
+
+def finished(out: Path, method: str) -> list[int]:
+    """The seeds of ``method`` with at least one finished cell in ``out``."""
+    cells = [*(out / method).glob("s*/result.json"), *(out / method).glob("x*/s*/result.json")]
+    return sorted({int(f.parent.name[1:]) for f in cells if f.parent.name[1:].isdigit()})
 
 
 def sparsities(teacher_dir: Path, budgets: list[int]) -> list[float]:

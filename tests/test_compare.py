@@ -108,6 +108,12 @@ def test_quick_compare_runs_every_method_at_both_budgets_and_logs_one_parent_run
     assert "kd-student" not in {s["method"] for s in doc["summary"]}
     assert "Partial: 1 of 10 cells not run yet (kd-student/s0)." in (out / "table.md").read_text()
     assert not (out / "kd-student").exists()
+    # --methods chooses what runs; the table still shows every finished cell in --out, so a
+    # method added to a finished comparison does not wipe the others from its table.
+    assert compare.main([*argv, "--report", "--methods", "slimming,kd-student"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["missing"] == ["kd-student/s0"]
+    assert {s["method"] for s in doc["summary"]} == METHODS - {"kd-student"}
 
 
 def _rows(method: str, budget: int, accuracies: list[float]) -> list[dict]:
