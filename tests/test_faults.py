@@ -393,3 +393,32 @@ def test_a_resumed_tracker_continues_the_run_and_sends_what_the_dead_driver_had_
     assert client.get_run(stage_id).data.tags["n2n.resumed"] == "1"  # the stage run too
     table = client.download_artifacts(run_id, "children.json", str(tmp_path))
     assert [row[3] for row in json.loads(Path(table).read_text())["data"]] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_an_eviction_during_fine_tuning_after_the_search_stops_the_run(
+    ray_cluster, tmp_path: Path
+) -> None:
+    """Tune leaves its SIGINT handler behind after a search; a SIGTERM during fine-tuning must
+    still stop the run (exit 143), not be swallowed by it, and the resume trains no child."""
+    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    address = ray_cluster.get_runtime_context().gcs_address
+    flags = [*_flags(run_dir, uri), "--set", "finetune.steps=4000", "--address", address]
+    proc = _start(flags)
+    deadline = time.monotonic() + 240
+    while not RunDir(run_dir).done("removal"):  # the search is over: fine-tuning starts
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the search did not finish in time"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 143, err[-2000:]
+    assert not (run_dir / "summary.json").exists()
+    trained = _trained(run_dir)
+
+    resumed = _start(["run", "--resume", str(run_dir), "--quiet", "--address", address])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert _trained(run_dir) == trained  # the search's children came from the reward cache
+    assert RunDir(run_dir).summary()["children"]["evaluated"] == 12
